@@ -1,0 +1,3 @@
+"""kioskd: an offline question-answering kiosk on MQTT."""
+
+__version__ = "0.1.0"
