@@ -1,0 +1,384 @@
+"""Typed configuration: YAML file -> nested dict -> one frozen dataclass per section.
+
+Every key is declared once below with its default and a one-line doc (the field's `doc`
+metadata). Loading is layered (`load` reads and locates keys, `from_dict` checks and builds)
+so that tests build configs from dicts. Errors name the key path and, from a file, its line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+import yaml
+
+_Check = Callable[[Any], str | None]
+
+
+def _key(default: Any, doc: str, check: _Check | None = None) -> Any:
+    """Declare a config key with its default, its one-line doc and an optional value check."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc, "check": check})
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _at_least(minimum: float) -> _Check:
+    return lambda value: None if value >= minimum else f"must be at least {minimum}"
+
+
+def _between(low: float, high: float) -> _Check:
+    return lambda value: None if low <= value <= high else f"must be between {low} and {high}"
+
+
+def _one_of(*choices: str) -> _Check:
+    return lambda value: None if value in choices else "must be one of " + ", ".join(choices)
+
+
+def _topic_prefix(value: str) -> str | None:
+    if not value or value.startswith(("/", "$")) or value.endswith("/"):
+        return "must be non-empty, not start with '/' or '$', and not end with '/'"
+    if any(c in value for c in "+#\0"):
+        return "must not contain MQTT wildcards (+, #) or NUL"
+    return None
+
+
+def _reply_prefixes(value: list[str] | None) -> str | None:
+    if value is None:
+        return None
+    for prefix in value:
+        if not isinstance(prefix, str) or not prefix or prefix.startswith("$"):
+            return "each prefix must be a non-empty string not starting with '$'"
+        if any(c in prefix for c in "+#\0"):
+            return "prefixes must not contain MQTT wildcards (+, #)"
+    return None
+
+
+def _log_level(value: str) -> str | None:
+    levels = ("DEBUG", "INFO", "WARNING", "ERROR")
+    return None if value.upper() in levels else "must be one of " + ", ".join(levels)
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """How kioskd reaches the broker and which topics it owns."""
+
+    host: str = _key("127.0.0.1", "broker host name or address")
+    port: int = _key(1883, "broker TCP port", _between(1, 65535))
+    protocol: str = _key("5", "MQTT protocol version: '5' or '3.1.1'", _one_of("5", "3.1.1"))
+    device_id: str | None = _key(
+        None, "this kiosk's name in topics; null = the host name, lower-cased and sanitised"
+    )
+    topic_prefix: str = _key(
+        "kiosk/{device_id}", "prefix P of every topic; {device_id} is substituted", _topic_prefix
+    )
+    client_id: str | None = _key(
+        None, "MQTT client id; must be stable for the persistent session; null = kioskd-{device_id}"
+    )
+    keepalive_s: int = _key(30, "MQTT keepalive interval", _between(5, 65535))
+    session_expiry_s: int = _key(
+        86400,
+        "MQTT 5 session expiry: how long the broker keeps questions while we are away",
+        _at_least(1),
+    )
+    reply_prefixes: list[str] | None = _key(
+        None, "allowed MQTT 5 Response Topic prefixes; null = [P/answer/]", _reply_prefixes
+    )
+    reconnect_min_s: float = _key(1.0, "first reconnect delay after losing the broker", _positive)
+    reconnect_max_s: float = _key(30.0, "longest reconnect delay (doubling backoff)", _positive)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model answers, and how it is run."""
+
+    path: str | None = _key(
+        None, "GGUF file; null = the production model if fetched, else the embedded Gemma 3 270M"
+    )
+    dir: str | None = _key(
+        None,
+        "where fetch-model stores models; null = $STATE_DIRECTORY/models or "
+        "~/.local/share/kioskd/models",
+    )
+    threads: int | None = _key(
+        None, "decode threads; null = physical cores minus one, at least 1", _at_least(1)
+    )
+    threads_batch: int | None = _key(
+        None, "prompt (prefill) threads; null = same as threads", _at_least(1)
+    )
+    ctx: int = _key(2048, "context window in tokens (prompt + answer)", _between(256, 131072))
+    max_tokens: int = _key(
+        256, "longest answer in tokens; requests may ask for fewer", _at_least(1)
+    )
+    temperature: float = _key(0.7, "default sampling temperature (0 = greedy)", _between(0, 2))
+    system_prompt: str = _key(
+        "You are a helpful assistant on a factory-floor kiosk. Answer briefly and plainly.",
+        "system turn put before every question; clients cannot change it",
+    )
+    chat_format: str = _key(
+        "auto",
+        "chat format when the GGUF embeds no template: auto (from the model's "
+        "architecture), chatml, gemma or llama-3",
+        _one_of("auto", "chatml", "gemma", "llama-3"),
+    )
+    seed: int = _key(-1, "sampling seed; -1 = random", _at_least(-1))
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """The bounded queue in front of the single generation worker."""
+
+    capacity: int = _key(8, "requests that may wait behind the running one", _between(0, 1000))
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds on what a client may send."""
+
+    max_question_chars: int = _key(2000, "longest accepted question", _at_least(1))
+    max_payload_bytes: int = _key(65536, "largest accepted request payload", _at_least(64))
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    """What happens on SIGTERM."""
+
+    grace_s: float = _key(
+        5.0, "time the running answer may take to finish on shutdown", _at_least(0)
+    )
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Health publishing."""
+
+    interval_s: float = _key(30.0, "seconds between retained P/health messages", _at_least(0.2))
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Log output."""
+
+    level: str = _key(
+        "INFO", "DEBUG, INFO, WARNING or ERROR; question text is logged only at DEBUG", _log_level
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; one attribute per YAML section."""
+
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def device_id(self) -> str:
+        return self.mqtt.device_id or sanitize_device_id(socket.gethostname())
+
+    @property
+    def topic_prefix(self) -> str:
+        return self.mqtt.topic_prefix.replace("{device_id}", self.device_id)
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"kioskd-{self.device_id}"
+
+    @property
+    def reply_prefixes(self) -> tuple[str, ...]:
+        if self.mqtt.reply_prefixes is None:
+            return (f"{self.topic_prefix}/answer/",)
+        return tuple(p.replace("{device_id}", self.device_id) for p in self.mqtt.reply_prefixes)
+
+    @property
+    def threads(self) -> int:
+        return self.model.threads or default_threads()
+
+    @property
+    def threads_batch(self) -> int:
+        return self.model.threads_batch or self.threads
+
+
+def sanitize_device_id(name: str) -> str:
+    """Lower-case `name` and replace characters outside [a-z0-9_-] with '-' (PROTOCOL.md)."""
+    return re.sub(r"[^a-z0-9_-]", "-", name.lower()) or "kiosk"
+
+
+def default_threads() -> int:
+    """Physical cores minus one, leaving a core for the broker client and the OS."""
+    import psutil  # noqa: PLC0415 - only needed when the operator left threads unset
+
+    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return max(1, physical - 1)
+
+
+class ConfigError(Exception):
+    """One or more configuration problems, each naming its key path and line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+_Section = TypeVar("_Section")
+
+
+def load(path: str | Path) -> Config:
+    """Read, locate and check a YAML config file; raise ConfigError naming key and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+    lines: dict[str, int] = {}
+    if node is not None:
+        _record_lines(node, "", lines)
+    return from_dict(raw if raw is not None else {}, lines=lines, source=str(path))
+
+
+def _record_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key_node, value_node in node.value:
+        key_path = f"{prefix}{key_node.value}"
+        lines[key_path] = key_node.start_mark.line + 1
+        _record_lines(value_node, key_path + ".", lines)
+
+
+def from_dict(
+    raw: Mapping[str, Any], *, lines: Mapping[str, int] | None = None, source: str = "<config>"
+) -> Config:
+    """Build a Config from nested dicts, collecting every problem before raising ConfigError."""
+    lines = lines or {}
+    problems: list[str] = []
+
+    def where(key_path: str) -> str:
+        line = lines.get(key_path)
+        return f"{source}:{line}" if line else source
+
+    if not isinstance(raw, Mapping):
+        raise ConfigError([f"{source}: the top level must be a mapping of sections"])
+    sections: dict[str, Any] = {}
+    section_types = get_type_hints(Config)
+    for name, value in raw.items():
+        if name not in section_types:
+            problems.append(
+                f"{where(str(name))}: {name}: unknown section{_hint(name, section_types)}"
+            )
+            continue
+        keys = {} if value is None else value
+        if not isinstance(keys, Mapping):
+            problems.append(f"{where(name)}: {name}: must be a mapping of keys")
+            continue
+        sections[name] = _build_section(section_types[name], name, keys, where, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Config(**sections)
+
+
+def _build_section(
+    cls: type[_Section],
+    section: str,
+    values: Mapping[str, Any],
+    where: Callable[[str], str],
+    problems: list[str],
+) -> _Section:
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    types = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        key_path = f"{section}.{key}"
+        if key not in fields:
+            known = {f"{section}.{k}": None for k in fields}
+            problems.append(f"{where(key_path)}: {key_path}: unknown key{_hint(key_path, known)}")
+            continue
+        problem = _check_value(types[key], value, fields[key].metadata.get("check"))
+        if problem:
+            problems.append(f"{where(key_path)}: {key_path}: {problem} (got {value!r})")
+            continue
+        expected = types[key]
+        kwargs[key] = (
+            float(value) if expected in (float, float | None) and value is not None else value
+        )
+    return cls(**kwargs)
+
+
+def _check_value(expected: Any, value: Any, check: _Check | None) -> str | None:
+    optional = expected in (str | None, int | None, float | None, list[str] | None)
+    if value is None:
+        return None if optional else "must not be empty"
+    base = {str | None: str, int | None: int, float | None: float, list[str] | None: list}.get(
+        expected, expected
+    )
+    if base is list[str]:
+        base = list
+    if base is float:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            return "must be a number"
+    elif base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "must be a whole number"
+    elif base is str:
+        if not isinstance(value, str):
+            return "must be a string (quote it)"
+    elif base is list and (
+        not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+    ):
+        return "must be a list of strings"
+    return check(value) if check else None
+
+
+def _hint(key: str, known: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """Every key as (path, default, doc), for docs and for checking the shipped YAML."""
+    rows: list[tuple[str, Any, str]] = []
+    for section in dataclasses.fields(Config):
+        cls = get_type_hints(Config)[section.name]
+        for f in dataclasses.fields(cls):
+            default = (
+                f.default_factory()  # type: ignore[operator]
+                if f.default is dataclasses.MISSING
+                else f.default
+            )
+            rows.append((f"{section.name}.{f.name}", default, f.metadata["doc"]))
+    return rows
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The config as a dict fit for logs: anything secret-looking is replaced."""
+    data = dataclasses.asdict(config)
+    for section in data.values():
+        for key in section:
+            if "password" in key and not key.endswith("_file"):
+                section[key] = "***"
+    return data
