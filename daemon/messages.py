@@ -1,0 +1,288 @@
+"""The MQTT payloads of PROTOCOL.md: one small type per message, validated once at the edge."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import secrets
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, ClassVar, Literal
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+ID_RULE = "1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+FinishReason = Literal["stop", "length", "cancelled", "deadline"]
+
+
+class ErrorCode(StrEnum):
+    """Machine-readable error codes (PROTOCOL.md, "Stream")."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_REQUEST = "invalid_request"
+    BAD_ENCODING = "bad_encoding"
+    TOO_LARGE = "too_large"
+    BUSY = "busy"
+    OVERHEATED = "overheated"
+    FORBIDDEN_REPLY_TOPIC = "forbidden_reply_topic"
+    MODEL_ERROR = "model_error"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated question from `P/ask`."""
+
+    id: str
+    question: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    deadline_s: float | None = None
+
+
+class RequestError(Exception):
+    """A request that cannot be accepted; `request_id` is set when it can be attributed."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+def new_request_id() -> str:
+    """A fresh id for requests that bring none: 12 hex characters."""
+    return secrets.token_hex(6)
+
+
+def parse_request(payload: bytes, *, max_payload_bytes: int, max_question_chars: int) -> Request:
+    """Validate a `P/ask` payload, raising RequestError with the protocol's code."""
+    if len(payload) > max_payload_bytes:
+        raise RequestError(
+            ErrorCode.TOO_LARGE,
+            f"payload is {len(payload)} bytes; at most {max_payload_bytes} are accepted",
+        )
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(
+            ErrorCode.BAD_ENCODING, f"payload is not valid UTF-8 (byte {exc.start})"
+        ) from exc
+    if not text.lstrip().startswith("{"):
+        return Request(id=new_request_id(), question=_question(text, max_question_chars, None))
+    if _json_depth(text) > MAX_JSON_DEPTH:
+        raise RequestError(
+            ErrorCode.INVALID_JSON, f"JSON is nested deeper than {MAX_JSON_DEPTH} levels"
+        )
+    try:
+        fields = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+    except _DuplicateKeyError as exc:
+        raise RequestError(ErrorCode.INVALID_JSON, str(exc)) from exc
+    except RecursionError as exc:
+        raise RequestError(ErrorCode.INVALID_JSON, "JSON is nested too deeply") from exc
+    except ValueError as exc:
+        raise RequestError(ErrorCode.INVALID_JSON, f"payload is not valid JSON: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise RequestError(
+            ErrorCode.INVALID_JSON, "a payload starting with '{' must be a JSON object"
+        )
+    return _request_from_fields(fields, max_question_chars)
+
+
+def _json_depth(text: str) -> int:
+    """Deepest bracket nesting outside strings; bounds the parser's recursion before it runs."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Two values for one key would be read differently by different parsers: refuse to guess.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKeyError(f"duplicate key {key!r} in JSON object")
+        result[key] = value
+    return result
+
+
+def _request_from_fields(fields: dict[str, Any], max_question_chars: int) -> Request:
+    raw_id = fields.get("id")
+    if raw_id is None:
+        request_id = new_request_id()
+    elif isinstance(raw_id, str) and ID_PATTERN.fullmatch(raw_id):
+        request_id = raw_id
+    else:
+        raise RequestError(ErrorCode.INVALID_REQUEST, f"id: must be a string of {ID_RULE}")
+
+    def invalid(field_name: str, rule: str) -> RequestError:
+        return RequestError(ErrorCode.INVALID_REQUEST, f"{field_name}: {rule}", request_id)
+
+    if "question" not in fields:
+        raise invalid("question", "is required")
+    if not isinstance(fields["question"], str):
+        raise invalid("question", "must be a string")
+    question = _question(fields["question"], max_question_chars, request_id)
+
+    max_tokens = fields.get("max_tokens")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise invalid("max_tokens", "must be a whole number >= 1")
+    temperature = _optional_number(fields, "temperature", invalid)
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise invalid("temperature", "must be a number from 0 to 2")
+    deadline_s = _optional_number(fields, "deadline_s", invalid)
+    if deadline_s is not None and deadline_s <= 0:
+        raise invalid("deadline_s", "must be a number of seconds > 0")
+    return Request(request_id, question, max_tokens, temperature, deadline_s)
+
+
+def _optional_number(fields: dict[str, Any], name: str, invalid: Any) -> float | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise invalid(name, "must be a number")
+    try:
+        number = float(value)
+    except OverflowError as exc:  # a huge JSON integer
+        raise invalid(name, "is out of range") from exc
+    if not math.isfinite(number):
+        raise invalid(name, "must be a finite number")
+    return number
+
+
+def _question(text: str, max_chars: int, request_id: str | None) -> str:
+    question = text.strip()
+    if not question:
+        raise RequestError(ErrorCode.INVALID_REQUEST, "question: must not be empty", request_id)
+    if len(question) > max_chars:
+        raise RequestError(
+            ErrorCode.INVALID_REQUEST,
+            f"question: {len(question)} characters; at most {max_chars} are accepted",
+            request_id,
+        )
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates from JSON escapes like "\ud800"
+        raise RequestError(
+            ErrorCode.BAD_ENCODING, "question: contains an unpaired UTF-16 surrogate", request_id
+        ) from exc
+    return question
+
+
+def parse_cancel(payload: bytes) -> str | None:
+    """The request id in a `P/cancel` payload, or None when there is no valid one."""
+    try:
+        fields = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    request_id = fields.get("id") if isinstance(fields, dict) else None
+    return request_id if isinstance(request_id, str) and ID_PATTERN.fullmatch(request_id) else None
+
+
+# --- outgoing stream messages -----------------------------------------------------------
+
+
+class StreamMessage:
+    """A message of a request's stream; `fields()` is what follows id, seq and type."""
+
+    type: ClassVar[str]
+    terminal: ClassVar[bool] = False
+
+    def fields(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_payload(self, request_id: str | None, seq: int) -> bytes:
+        body = {"id": request_id, "seq": seq, "type": self.type, **self.fields()}
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Queued(StreamMessage):
+    type: ClassVar[str] = "queued"
+    position: int
+
+    def fields(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+
+@dataclass(frozen=True)
+class Chunk(StreamMessage):
+    type: ClassVar[str] = "chunk"
+    text: str
+
+    def fields(self) -> dict[str, Any]:
+        return {"text": self.text}
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Timing:
+    queued_ms: float
+    first_token_ms: float | None
+    total_ms: float
+    tokens_per_s: float | None
+
+
+@dataclass(frozen=True)
+class Done(StreamMessage):
+    type: ClassVar[str] = "done"
+    terminal: ClassVar[bool] = True
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    timing: Timing
+
+    def fields(self) -> dict[str, Any]:
+        timing = self.timing
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "usage": {
+                "prompt_tokens": self.usage.prompt_tokens,
+                "completion_tokens": self.usage.completion_tokens,
+            },
+            "timing": {
+                "queued_ms": round(timing.queued_ms, 1),
+                "first_token_ms": _round(timing.first_token_ms),
+                "total_ms": round(timing.total_ms, 1),
+                "tokens_per_s": _round(timing.tokens_per_s),
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Error(StreamMessage):
+    type: ClassVar[str] = "error"
+    terminal: ClassVar[bool] = True
+    code: ErrorCode
+    message: str
+    retry_after_s: float | None = None
+
+    def fields(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": str(self.code), "message": self.message}
+        if self.retry_after_s is not None:
+            body["retry_after_s"] = self.retry_after_s
+        return body
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)

@@ -1,0 +1,47 @@
+"""Every MQTT topic kioskd uses, built from the prefix here and nowhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topics under one kiosk's prefix P (PROTOCOL.md, "Topics")."""
+
+    prefix: str
+
+    @property
+    def ask(self) -> str:
+        return f"{self.prefix}/ask"
+
+    @property
+    def cancel(self) -> str:
+        return f"{self.prefix}/cancel"
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}/status"
+
+    @property
+    def health(self) -> str:
+        return f"{self.prefix}/health"
+
+    @property
+    def error(self) -> str:
+        return f"{self.prefix}/error"
+
+    @property
+    def answer_prefix(self) -> str:
+        return f"{self.prefix}/answer/"
+
+    def answer(self, request_id: str) -> str:
+        """Default reply topic; callers pass only validated ids (no '/', '+', '#')."""
+        return f"{self.answer_prefix}{request_id}"
+
+
+def is_allowed_reply_topic(topic: str, allowed_prefixes: tuple[str, ...]) -> bool:
+    """Whether an MQTT 5 Response Topic may be published to (PROTOCOL.md, "Request")."""
+    if not topic or topic.startswith("$") or any(c in topic for c in "+#\0"):
+        return False
+    return any(topic.startswith(prefix) for prefix in allowed_prefixes)
