@@ -1,0 +1,225 @@
+"""The MQTT connection: the only module that imports paho.
+
+paho's own loop thread (loop_start) owns the socket; every publish in kioskd goes through
+`Connection.publish`, which only queues the packet for that thread. Every callback catches and
+logs its own exceptions, because with paho 2.x an exception escaping a callback stops all traffic.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A received PUBLISH, reduced to what kioskd reads."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    retain: bool = True
+
+
+class Delivery:
+    """Handle on a queued publish: lets shutdown wait until the broker has acknowledged it."""
+
+    def __init__(self, info: paho.MQTTMessageInfo | None) -> None:
+        self._info = info
+
+    def wait(self, timeout_s: float) -> bool:
+        if self._info is None:
+            return False
+        try:
+            self._info.wait_for_publish(timeout_s)
+        except (RuntimeError, ValueError):  # paho raises when the client is disconnected
+            return False
+        return self._info.is_published()
+
+
+class Connection:
+    """One MQTT client session, reconnecting on its own with backoff."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        client_id: str,
+        protocol: str = "5",
+        keepalive_s: int = 30,
+        session_expiry_s: int | None = None,
+        will: Will | None = None,
+        subscriptions: Iterable[str] = (),
+        on_message: Callable[[Inbound], None] | None = None,
+        on_connected: Callable[[], None] | None = None,
+        reconnect_min_s: float = 1.0,
+        reconnect_max_s: float = 30.0,
+    ) -> None:
+        """`session_expiry_s=None` asks for a clean, throw-away session; else a persistent one."""
+        self._host = host
+        self._port = port
+        self._keepalive_s = keepalive_s
+        self._mqtt5 = protocol == "5"
+        self._persistent = session_expiry_s is not None
+        self._session_expiry_s = session_expiry_s or 0
+        self._subscriptions = list(subscriptions)
+        self._on_message = on_message
+        self._on_connected = on_connected
+        self._connected = threading.Event()
+        self._client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if self._mqtt5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if self._mqtt5 else not self._persistent,
+        )
+        self._client.reconnect_delay_set(
+            min_delay=max(1, round(reconnect_min_s)), max_delay=max(1, round(reconnect_max_s))
+        )
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
+        self._client.on_socket_open = self._handle_socket_open
+        self._client.on_connect = self._handle_connect
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_message = self._handle_message
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        """Connect in the background; a broker that is down is retried until it is up."""
+        properties = None
+        if self._mqtt5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = self._session_expiry_s
+        self._client.connect_async(
+            self._host,
+            self._port,
+            keepalive=self._keepalive_s,
+            clean_start=not self._persistent if self._mqtt5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
+        )
+        self._client.loop_start()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+    ) -> Delivery:
+        """Queue a message for the network thread; QoS 1 ones survive a reconnect."""
+        properties = None
+        if correlation_data is not None and self._mqtt5:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.CorrelationData = correlation_data
+        try:
+            info = self._client.publish(
+                topic, payload, qos=qos, retain=retain, properties=properties
+            )
+        except (ValueError, OSError):
+            log.exception("publish to %s failed", topic)
+            return Delivery(None)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log.error("publish to %s refused: %s", topic, paho.error_string(info.rc))
+        return Delivery(info)
+
+    def stop(self) -> None:
+        """Disconnect cleanly (no last will) and stop the network thread."""
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+
+    # --- paho callbacks, on the network thread --------------------------------------------
+
+    def _handle_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        try:
+            # Nagle's algorithm would hold each small chunk back for about 40 ms.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except Exception:
+            log.exception("could not set TCP_NODELAY")
+
+    def _handle_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        try:
+            if reason_code.is_failure:
+                log.error(
+                    "broker %s:%s refused the connection: %s", self._host, self._port, reason_code
+                )
+                return
+            log.info(
+                "connected to broker %s:%s (session present: %s)",
+                self._host,
+                self._port,
+                flags.session_present,
+            )
+            if self._subscriptions:
+                # Resubscribe every time: a broker that lost our session has lost them too.
+                client.subscribe([(topic, 1) for topic in self._subscriptions])
+            self._connected.set()
+            if self._on_connected is not None:
+                self._on_connected()
+        except Exception:
+            log.exception("error in connect handler")
+
+    def _handle_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        try:
+            was_connected = self._connected.is_set()
+            self._connected.clear()
+            if was_connected and reason_code != 0:
+                log.warning("lost the broker (%s); reconnecting", reason_code)
+        except Exception:
+            log.exception("error in disconnect handler")
+
+    def _handle_message(
+        self, client: paho.Client, userdata: Any, message: paho.MQTTMessage
+    ) -> None:
+        try:
+            properties = getattr(message, "properties", None)
+            response_topic = getattr(properties, "ResponseTopic", None) if properties else None
+            correlation_data = getattr(properties, "CorrelationData", None) if properties else None
+            inbound = Inbound(
+                message.topic, bytes(message.payload), response_topic, correlation_data
+            )
+            if self._on_message is not None:
+                self._on_message(inbound)
+        except Exception:
+            log.exception("error handling a message on %s", getattr(message, "topic", "?"))
