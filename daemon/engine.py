@@ -1,0 +1,221 @@
+"""The language model: owns llama_cpp.Llama; loads, warms up and streams tokens.
+
+Tokens come from Llama.generate (the low-level loop, which also reuses the KV cache of the
+common prompt prefix, i.e. the system prompt) and are detokenized one at a time through an
+incremental UTF-8 decoder, so text goes out per token and never splits a character.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+
+from daemon.messages import ErrorCode, RequestError
+from daemon.prompt import PromptBuilder, fallback_format
+from daemon.scheduler import Generation
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(Exception):
+    """The model file is missing or llama.cpp cannot load it."""
+
+
+@dataclass(frozen=True)
+class TestHooks:
+    """Switches for the test suite and benchmarks, read from KIOSKD_TEST_* variables.
+
+    ignore_eos: keep generating past end-of-turn, so answers have a known length.
+    token_delay_ms: sleep after every token, so a request stays running long enough to
+      queue, cancel or interrupt it.
+    stall_file: while this file exists, generation blocks (simulates a hung worker).
+    """
+
+    ignore_eos: bool = False
+    token_delay_ms: float = 0.0
+    stall_file: Path | None = None
+
+    @classmethod
+    def from_env(cls) -> TestHooks:
+        stall = os.environ.get("KIOSKD_TEST_STALL_FILE")
+        return cls(
+            ignore_eos=os.environ.get("KIOSKD_TEST_IGNORE_EOS") == "1",
+            token_delay_ms=float(os.environ.get("KIOSKD_TEST_TOKEN_DELAY_MS", "0") or 0),
+            stall_file=Path(stall) if stall else None,
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.ignore_eos or self.token_delay_ms > 0 or self.stall_file is not None
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    path: Path
+    threads: int
+    threads_batch: int
+    ctx: int
+    max_tokens: int
+    temperature: float
+    system_prompt: str
+    chat_format: str
+    seed: int = -1
+
+
+class Engine:
+    """One loaded model; `generate` must be called from one thread at a time."""
+
+    def __init__(self, settings: EngineSettings, hooks: TestHooks | None = None) -> None:
+        self.settings = settings
+        self.hooks = hooks or TestHooks()
+        self.name = settings.path.stem.lower()
+        self._threads = settings.threads
+        if not settings.path.is_file():
+            raise ModelLoadError(f"model file not found: {settings.path}")
+        try:
+            self._llama = llama_cpp.Llama(
+                model_path=str(settings.path),
+                n_ctx=settings.ctx,
+                n_threads=settings.threads,
+                n_threads_batch=settings.threads_batch,
+                seed=settings.seed if settings.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(f"cannot load model {settings.path}: {exc}") from exc
+        model = self._llama._model
+        bos_id, eos_id = self._llama.token_bos(), self._llama.token_eos()
+        self._prompts = PromptBuilder(
+            system_prompt=settings.system_prompt,
+            embedded_template=self._llama.metadata.get("tokenizer.chat_template"),
+            fallback_format=fallback_format(
+                settings.chat_format, self._llama.metadata.get("general.architecture")
+            ),
+            bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
+            eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
+        )
+        self._vocab = model.vocab
+        if self.hooks.active:
+            log.warning("test hooks are active: %s", self.hooks)
+        log.info(
+            "model %s loaded: %d threads (%d for prompts), ctx %d, chat template from %s",
+            self.name,
+            settings.threads,
+            settings.threads_batch,
+            settings.ctx,
+            self._prompts.source,
+        )
+
+    @property
+    def threads(self) -> int:
+        return self._threads
+
+    def set_threads(self, threads: int) -> None:
+        """Change the decode thread count; takes effect from the next token."""
+        self._threads = threads
+        self._llama.context_params.n_threads = threads
+        llama_cpp.llama_set_n_threads(self._llama.ctx, threads, self.settings.threads_batch)
+
+    def warm_up(self) -> Generation:
+        """Run a short generation so the first real question does not pay for cold caches."""
+        return self.generate(
+            "Hello",
+            max_tokens=4,
+            temperature=0.0,
+            on_text=lambda _text: None,
+            should_stop=lambda: False,
+        )
+
+    def prompt_tokens(self, question: str) -> list[int]:
+        parts = self._prompts.build(question)
+        llama = self._llama
+        return (
+            llama.tokenize(parts.before.encode("utf-8"), add_bos=parts.add_bos, special=True)
+            + llama.tokenize(parts.question.encode("utf-8"), add_bos=False, special=False)
+            + llama.tokenize(parts.after.encode("utf-8"), add_bos=False, special=True)
+        )
+
+    def generate(
+        self,
+        question: str,
+        *,
+        max_tokens: int | None,
+        temperature: float | None,
+        on_text: Callable[[str], None],
+        should_stop: Callable[[], bool],
+    ) -> Generation:
+        """Answer `question`, calling on_text with each new piece of text as it exists."""
+        settings = self.settings
+        prompt = self.prompt_tokens(question)
+        room = settings.ctx - len(prompt)
+        if room < 1:
+            raise RequestError(
+                ErrorCode.INVALID_REQUEST,
+                f"question: too long for the model's context ({len(prompt)} prompt tokens, "
+                f"context {settings.ctx})",
+            )
+        limit = min(max_tokens or settings.max_tokens, settings.max_tokens, room)
+        temp = settings.temperature if temperature is None else temperature
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces: list[str] = []
+        completion_tokens = 0
+        first_token: float | None = None
+        stopped = False
+        hit_length = False
+        tokens = self._llama.generate(prompt, temp=temp, reset=True)
+        try:
+            for token in self._tokens(tokens):
+                if should_stop():
+                    stopped = True
+                    break
+                if first_token is None:
+                    first_token = time.monotonic()
+                if not self.hooks.ignore_eos and llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                    break
+                completion_tokens += 1
+                text = decoder.decode(self._llama.detokenize([token]))
+                if text:
+                    pieces.append(text)
+                    on_text(text)
+                if completion_tokens >= limit:
+                    hit_length = True
+                    break
+        finally:
+            tokens.close()
+        tail = decoder.decode(b"", final=True)
+        if tail and not stopped:
+            pieces.append(tail)
+            on_text(tail)
+        return Generation(
+            text="".join(pieces),
+            stopped=stopped,
+            hit_length=hit_length,
+            prompt_tokens=len(prompt),
+            completion_tokens=completion_tokens,
+            first_token_monotonic=first_token,
+            end_monotonic=time.monotonic(),
+        )
+
+    def _tokens(self, tokens: Iterator[int]) -> Iterator[int]:
+        hooks = self.hooks
+        if not hooks.active:
+            yield from tokens
+            return
+        for token in tokens:
+            yield token
+            if hooks.token_delay_ms:
+                time.sleep(hooks.token_delay_ms / 1000)
+            while hooks.stall_file is not None and hooks.stall_file.exists():
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._llama.close()
