@@ -1,0 +1,201 @@
+"""Fixtures: a real mosquitto on a free loopback port, the real daemon, a unique prefix per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.mqtt_client import TestClient
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+@dataclass
+class Broker:
+    """A mosquitto process with a temporary config; can be stopped and started again."""
+
+    port: int
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            f"log_dest file {self.workdir / 'mosquitto.log'}\n"
+        )
+        self.process = subprocess.Popen([MOSQUITTO, "-c", str(conf)])
+        wait_listening(self.port)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """One broker for the session; tests stay apart through their own topic prefixes."""
+    if not Path(MOSQUITTO).exists():
+        pytest.fail("mosquitto is not installed; run scripts/setup")
+    instance = Broker(free_port(), tmp_path_factory.mktemp("mosquitto"))
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Broker]:
+    """A broker this test may stop and start; not started yet."""
+    instance = Broker(free_port(), tmp_path)
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def client(broker: Broker) -> Iterator[TestClient]:
+    instance = TestClient(broker.port)
+    yield instance
+    instance.close()
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    from daemon.models import embedded_model  # noqa: PLC0415
+
+    return embedded_model()
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@dataclass
+class Daemon:
+    """A `kioskd run` subprocess with its config and log."""
+
+    process: subprocess.Popen[bytes]
+    prefix: str
+    log_path: Path
+    config_path: Path
+    stopped_rc: int | None = field(default=None)
+
+    def topic(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        self.stopped_rc = self.process.wait(timeout_s)
+        return self.stopped_rc
+
+
+DaemonFactory = Callable[..., Daemon]
+
+
+@pytest.fixture
+def start_daemon(
+    broker: Broker, prefix: str, tmp_path: Path, model_path: Path
+) -> Iterator[DaemonFactory]:
+    """Start the real daemon; by default its config sets only mqtt.host, port and topic_prefix."""
+    started: list[Daemon] = []
+
+    def start(
+        config: dict[str, Any] | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        wait_online: bool = True,
+        name: str = "kioskd",
+    ) -> Daemon:
+        base = {"mqtt": {"host": "127.0.0.1", "port": port or broker.port, "topic_prefix": prefix}}
+        config_path = tmp_path / f"{name}.yaml"
+        config_path.write_text(yaml.safe_dump(_merge(base, config or {})))
+        log_path = tmp_path / f"{name}.log"
+        process_env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            # A fetched production model in the developer's home must not change the tests.
+            "XDG_DATA_HOME": str(tmp_path / "data"),
+            **(env or {}),
+        }
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "daemon", "run", "--config", str(config_path)],
+                cwd=REPO,
+                env=process_env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        daemon = Daemon(process, prefix, log_path, config_path)
+        started.append(daemon)
+        if wait_online:
+            watcher = TestClient(port or broker.port)
+            try:
+                watcher.subscribe(daemon.topic("status"))
+                watcher.wait_status(daemon.topic("status"), b"online", timeout_s=60)
+            except TimeoutError:
+                pytest.fail(f"daemon did not come online; log:\n{daemon.log()}")
+            finally:
+                watcher.close()
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait(10)
+
+
+@pytest.fixture
+def slow_tokens() -> dict[str, str]:
+    """Hooks for a request that runs long enough to queue behind, cancel or interrupt."""
+    return {"KIOSKD_TEST_IGNORE_EOS": "1", "KIOSKD_TEST_TOKEN_DELAY_MS": "40"}

@@ -1,0 +1,154 @@
+"""A plain MQTT 5 client for the tests: the daemon is exercised as a device would use it."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+
+@dataclass(frozen=True)
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+    correlation_data: bytes | None
+    arrived_monotonic: float
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+class TestClient:
+    """Subscribes, publishes with MQTT 5 properties, and waits for what arrives."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, port: int, *, host: str = "127.0.0.1") -> None:
+        self._cond = threading.Condition()
+        self.received: list[Received] = []
+        self._acked: set[int] = set()
+        self._client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"test-{uuid.uuid4().hex[:10]}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        self._client.connect(host, port)
+        self._client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
+        props = getattr(message, "properties", None)
+        item = Received(
+            message.topic,
+            bytes(message.payload),
+            bool(message.retain),
+            getattr(props, "CorrelationData", None) if props else None,
+            time.monotonic(),
+        )
+        with self._cond:
+            self.received.append(item)
+            self._cond.notify_all()
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, *args: Any) -> None:
+        with self._cond:
+            self._acked.add(mid)
+            self._cond.notify_all()
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Subscribe and wait for the SUBACK, so nothing published after this is missed."""
+        _rc, mid = self._client.subscribe(topic, qos)
+        with self._cond:
+            if not self._cond.wait_for(lambda: mid in self._acked, timeout=10):
+                raise TimeoutError(f"no SUBACK for {topic}")
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str | dict[str, Any],
+        *,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        qos: int = 1,
+        retain: bool = False,
+    ) -> None:
+        if isinstance(payload, dict):
+            payload = json.dumps(payload)
+        properties = None
+        if response_topic is not None or correlation_data is not None:
+            properties = Properties(PacketTypes.PUBLISH)
+            if response_topic is not None:
+                properties.ResponseTopic = response_topic
+            if correlation_data is not None:
+                properties.CorrelationData = correlation_data
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        info.wait_for_publish(10)
+
+    def wait_for(
+        self, predicate: Callable[[list[Received]], bool], timeout_s: float = 30.0
+    ) -> list[Received]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(self.received), timeout=timeout_s):
+                raise TimeoutError(f"condition not met within {timeout_s} s; got {self.received}")
+            return list(self.received)
+
+    def on_topic(self, topic: str) -> list[Received]:
+        with self._cond:
+            return [r for r in self.received if r.topic == topic]
+
+    def stream(self, topic: str, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        """The messages on `topic` up to and including the first terminal one."""
+
+        def ended(received: list[Received]) -> bool:
+            return any(
+                r.topic == topic and r.json().get("type") in ("done", "error") for r in received
+            )
+
+        self.wait_for(ended, timeout_s)
+        messages = [r.json() for r in self.on_topic(topic)]
+        end = next(i for i, m in enumerate(messages) if m["type"] in ("done", "error"))
+        return messages[: end + 1]
+
+    def wait_status(self, topic: str, value: bytes, timeout_s: float = 60.0) -> None:
+        self.wait_for(
+            lambda received: (
+                bool(received)
+                and any(r.topic == topic for r in received)
+                and [r for r in received if r.topic == topic][-1].payload == value
+            ),
+            timeout_s,
+        )
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+def assert_well_formed(messages: list[dict[str, Any]], request_id: str | None) -> dict[str, Any]:
+    """Check PROTOCOL.md's stream rules and return the terminal message."""
+    assert messages, "no messages"
+    assert [m["seq"] for m in messages] == list(range(len(messages))), "seq must be 0,1,2,..."
+    assert all(m["id"] == request_id for m in messages)
+    terminal = [m for m in messages if m["type"] in ("done", "error")]
+    assert len(terminal) == 1
+    assert messages[-1] is terminal[0], "the terminal message must be last"
+    final = terminal[0]
+    if final["type"] == "done":
+        chunks = "".join(m["text"] for m in messages if m["type"] == "chunk")
+        assert chunks == final["text"], "chunk texts must concatenate to done.text"
+        assert set(final["usage"]) == {"prompt_tokens", "completion_tokens"}
+        assert set(final["timing"]) == {"queued_ms", "first_token_ms", "total_ms", "tokens_per_s"}
+    else:
+        assert isinstance(final["code"], str)
+        assert final["message"]
+    return final

@@ -1,0 +1,118 @@
+"""Start-up order, the broker coming and going, and the clean stop of PROTOCOL.md."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from daemon import exitcodes
+from tests.conftest import Broker, DaemonFactory
+from tests.mqtt_client import TestClient, assert_well_formed
+
+
+def test_broker_that_starts_after_the_daemon(
+    start_daemon: DaemonFactory, own_broker: Broker
+) -> None:
+    daemon = start_daemon(
+        {"mqtt": {"reconnect_min_s": 1, "reconnect_max_s": 2}},
+        port=own_broker.port,
+        wait_online=False,
+    )
+    time.sleep(3)  # the daemon loads its model and keeps retrying the absent broker
+    assert daemon.process.poll() is None, daemon.log()
+    own_broker.start()
+    client = TestClient(own_broker.port)
+    try:
+        client.subscribe(daemon.topic("status"))
+        client.wait_status(daemon.topic("status"), b"online", timeout_s=30)
+        client.subscribe(daemon.topic("answer/late"))
+        client.publish(daemon.topic("ask"), {"id": "late", "question": "Hi.", "max_tokens": 5})
+        messages = client.stream(daemon.topic("answer/late"))
+        assert assert_well_formed(messages, "late")["type"] == "done"
+    finally:
+        client.close()
+
+
+def test_sigterm_mid_answer_with_a_full_queue(
+    start_daemon: DaemonFactory, client: TestClient, slow_tokens: dict[str, str]
+) -> None:
+    daemon = start_daemon({"shutdown": {"grace_s": 1}, "queue": {"capacity": 2}}, env=slow_tokens)
+    client.subscribe(daemon.topic("answer/+"))
+    client.subscribe(daemon.topic("status"))
+    client.publish(daemon.topic("ask"), {"id": "running", "question": "x", "max_tokens": 500})
+    client.wait_for(lambda got: any(r.topic.endswith("/running") for r in got))
+    for request_id in ("queued-1", "queued-2"):
+        client.publish(daemon.topic("ask"), {"id": request_id, "question": "x"})
+    client.wait_for(lambda got: any(r.topic.endswith("/queued-2") for r in got))
+    started = time.monotonic()
+    rc = daemon.terminate(timeout_s=10)
+    elapsed_s = time.monotonic() - started
+    assert rc == exitcodes.OK, daemon.log()
+    assert elapsed_s < 1 + 2, f"exit took {elapsed_s:.1f} s; grace is 1 s"
+    for request_id in ("queued-1", "queued-2", "running"):
+        messages = client.stream(daemon.topic(f"answer/{request_id}"), timeout_s=5)
+        final = assert_well_formed(messages, request_id)
+        assert final["type"] == "error"
+        assert final["code"] == "shutting_down"
+    client.wait_status(daemon.topic("status"), b"offline", timeout_s=5)
+    late = TestClient(client_port(client))
+    try:
+        late.subscribe(daemon.topic("status"))
+        retained = late.wait_for(bool, timeout_s=5)
+        assert retained[0].payload == b"offline"
+        assert retained[0].retain
+    finally:
+        late.close()
+
+
+def client_port(client: TestClient) -> int:
+    return int(client._client.port)
+
+
+def test_running_answer_may_finish_within_grace(
+    start_daemon: DaemonFactory, client: TestClient, slow_tokens: dict[str, str]
+) -> None:
+    daemon = start_daemon({"shutdown": {"grace_s": 10}}, env=slow_tokens)
+    client.subscribe(daemon.topic("answer/short"))
+    client.publish(daemon.topic("ask"), {"id": "short", "question": "x", "max_tokens": 25})
+    client.wait_for(bool)
+    assert daemon.terminate(timeout_s=15) == exitcodes.OK
+    final = assert_well_formed(client.stream(daemon.topic("answer/short")), "short")
+    assert final["type"] == "done"
+    assert final["finish_reason"] == "length"
+
+
+def test_question_sent_while_daemon_is_away_is_answered_on_return(
+    start_daemon: DaemonFactory, client: TestClient
+) -> None:
+    daemon = start_daemon(name="first")
+    assert daemon.terminate() == exitcodes.OK
+    client.subscribe(daemon.topic("answer/meanwhile"))
+    client.publish(daemon.topic("ask"), {"id": "meanwhile", "question": "Hi.", "max_tokens": 4})
+    start_daemon(name="second")
+    messages = client.stream(daemon.topic("answer/meanwhile"))
+    assert assert_well_formed(messages, "meanwhile")["type"] == "done"
+
+
+def test_missing_model_exits_with_the_no_restart_code(
+    start_daemon: DaemonFactory, client: TestClient, prefix: str
+) -> None:
+    client.subscribe(f"{prefix}/error")
+    daemon = start_daemon({"model": {"path": "/nonexistent/model.gguf"}}, wait_online=False)
+    assert daemon.process.wait(60) == exitcodes.MODEL_UNAVAILABLE
+    errors = client.wait_for(bool, timeout_s=10)
+    reason = json.loads(errors[0].payload)
+    assert reason["code"] == "model_error"
+    assert "/nonexistent/model.gguf" in reason["message"]
+
+
+def test_corrupt_model_exits_with_the_no_restart_code(
+    start_daemon: DaemonFactory, tmp_path: object
+) -> None:
+    from pathlib import Path  # noqa: PLC0415
+
+    bad = Path(str(tmp_path)) / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    daemon = start_daemon({"model": {"path": str(bad)}}, wait_online=False)
+    assert daemon.process.wait(60) == exitcodes.MODEL_UNAVAILABLE, daemon.log()
+    assert "cannot load model" in daemon.log()
