@@ -11,6 +11,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from daemon.topics import homeassistant_config
+
 # P/health.state values, from PROTOCOL.md.
 HEALTH_STATES = ("starting", "loading", "ready", "busy", "throttled", "draining")
 
@@ -193,4 +195,4 @@ def removal_messages(*, device_id: str, ha_prefix: str) -> list[tuple[str, bytes
 
 
 def _config_topic(ha_prefix: str, entity: _Entity, node_id: str) -> str:
-    return f"{ha_prefix.rstrip('/')}/{entity.component}/{node_id}/{entity.object_id}/config"
+    return homeassistant_config(ha_prefix, entity.component, node_id, entity.object_id)

@@ -45,3 +45,13 @@ def is_allowed_reply_topic(topic: str, allowed_prefixes: tuple[str, ...]) -> boo
     if not topic or topic.startswith("$") or any(c in topic for c in "+#\0"):
         return False
     return any(topic.startswith(prefix) for prefix in allowed_prefixes)
+
+
+def homeassistant_status(ha_prefix: str) -> str:
+    """Where Home Assistant announces `online` after its own restart."""
+    return f"{ha_prefix.rstrip('/')}/status"
+
+
+def homeassistant_config(ha_prefix: str, component: str, node_id: str, object_id: str) -> str:
+    """A Home Assistant MQTT discovery config topic."""
+    return f"{ha_prefix.rstrip('/')}/{component}/{node_id}/{object_id}/config"
