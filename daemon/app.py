@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
 from enum import StrEnum
+from pathlib import Path
 from types import FrameType
 
-from daemon import exitcodes
+from daemon import __version__, exitcodes
 from daemon.broker import Connection, Delivery, Inbound, Will
 from daemon.config import Config
+from daemon.discovery import discovery_messages
 from daemon.engine import Engine, EngineSettings, ModelLoadError, TestHooks
 from daemon.messages import Error, ErrorCode, RequestError, parse_cancel, parse_request
 from daemon.models import resolve
+from daemon.monitor import Monitor, Snapshot
 from daemon.scheduler import Job, Scheduler
 from daemon.stream import ReplyStream
-from daemon.topics import Topics, is_allowed_reply_topic
+from daemon.telemetry import TelemetryReader
+from daemon.thermal import ThermalDecision, ThermalGovernor
+from daemon.topics import Topics, homeassistant_status, is_allowed_reply_topic
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +51,25 @@ class App:
         self._lifecycle = State.STARTING
         self._stop = threading.Event()
         self._engine: Engine | None = None
+        self._model_name: str | None = None
+        self._throttled = False
         self.scheduler = Scheduler(capacity=config.queue.capacity)
+        telemetry, thermal = config.telemetry, config.thermal
+        self.monitor = Monitor(
+            device=config.device_id,
+            interval_s=telemetry.interval_s,
+            reader=TelemetryReader(Path(telemetry.sys_root), telemetry.vcgencmd),
+            governor=ThermalGovernor(
+                thermal.soft_limit_c, thermal.hard_limit_c, thermal.resume_below_c, config.threads
+            ),
+            snapshot=self._snapshot,
+            on_decision=self._apply_thermal,
+            publish=self._publish_health,
+        )
+        self._ha_status = homeassistant_status(config.homeassistant.prefix)
+        subscriptions = [self.topics.ask, self.topics.cancel]
+        if config.homeassistant.enabled:
+            subscriptions.append(self._ha_status)
         mqtt = config.mqtt
         self.connection = Connection(
             host=mqtt.host,
@@ -55,7 +79,7 @@ class App:
             keepalive_s=mqtt.keepalive_s,
             session_expiry_s=mqtt.session_expiry_s,
             will=Will(self.topics.status, b"offline"),
-            subscriptions=[self.topics.ask, self.topics.cancel],
+            subscriptions=subscriptions,
             on_message=self._on_message,
             on_connected=self._on_connected,
             reconnect_min_s=mqtt.reconnect_min_s,
@@ -66,14 +90,17 @@ class App:
 
     @property
     def state(self) -> State:
-        if self._lifecycle is State.READY and self.scheduler.busy:
-            return State.BUSY
-        return self._lifecycle
+        if self._lifecycle is not State.READY:
+            return self._lifecycle
+        if self._throttled:
+            return State.THROTTLED
+        return State.BUSY if self.scheduler.busy else State.READY
 
     def _enter(self, state: State) -> None:
         if state is not self._lifecycle:
             log.info("state: %s -> %s", self._lifecycle, state)
             self._lifecycle = state
+            self._report_health()
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit code."""
@@ -97,6 +124,7 @@ class App:
         )
         # Connect first, so questions sent while the model loads are queued, not lost.
         self.connection.start()
+        self.monitor.start()
         self._enter(State.LOADING)
         try:
             self._engine = self._load_engine()
@@ -106,6 +134,8 @@ class App:
             return exitcodes.MODEL_UNAVAILABLE
         if self._stop.is_set():
             return exitcodes.OK
+        # The governor may already have stepped down while the model was loading.
+        self._engine.set_threads(self.monitor_threads())
         self.scheduler.start(self._engine)
         self._enter(State.READY)
         self._announce_online()
@@ -116,6 +146,7 @@ class App:
         model = self.config.model
         resolved = resolve(model.path, model.dir)
         log.info("using the %s model %s", resolved.source, resolved.path)
+        self._model_name = resolved.path.stem.lower()
         engine = Engine(
             EngineSettings(
                 path=resolved.path,
@@ -141,6 +172,7 @@ class App:
     def _shutdown(self) -> None:
         self._enter(State.DRAINING)
         self.scheduler.drain(self.config.shutdown.grace_s)
+        self.monitor.stop()
         offline = self.connection.publish(self.topics.status, b"offline", retain=True)
         if self.connection.connected:
             offline.wait(_FLUSH_TIMEOUT_S)
@@ -166,6 +198,65 @@ class App:
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
 
+    # --- health and thermal (monitor thread) ------------------------------------------------
+
+    def monitor_threads(self) -> int:
+        decision = self.monitor.last_decision
+        return decision.threads if decision is not None else self.config.threads
+
+    def _apply_thermal(self, decision: ThermalDecision) -> None:
+        self._throttled = decision.throttled
+        if self._engine is not None:
+            self._engine.set_threads(decision.threads)
+        # The governor looks again every interval; two intervals is a fair first retry.
+        retry_after_s = round(max(5.0, 2 * self.config.telemetry.interval_s), 1)
+        self.scheduler.set_overheated(retry_after_s if decision.overheated else None)
+
+    def _snapshot(self) -> Snapshot:
+        counters = self.scheduler.counters
+        return Snapshot(
+            state=str(self.state),
+            model={
+                "name": self._model_name,
+                "threads": self.monitor_threads(),
+                "ctx": self.config.model.ctx,
+            },
+            queue={"depth": self.scheduler.depth, "capacity": self.scheduler.capacity},
+            counters={
+                "answered": counters.answered,
+                "errors": counters.errors,
+                "rejected": counters.rejected,
+                "cancelled": counters.cancelled,
+            },
+            last={
+                "tokens_per_s": _round(counters.last_tokens_per_s),
+                "first_token_ms": _round(counters.last_first_token_ms),
+            },
+        )
+
+    def _publish_health(self, payload: bytes) -> None:
+        # QoS 0 and retained (PROTOCOL.md): a lost one is replaced by the next.
+        self.connection.publish(self.topics.health, payload, qos=0, retain=True)
+
+    def _report_health(self) -> None:
+        try:
+            self.monitor.report()
+        except Exception:
+            log.exception("health report failed")
+
+    def _publish_discovery(self) -> None:
+        for topic, config in discovery_messages(
+            device_id=self.config.device_id,
+            ha_prefix=self.config.homeassistant.prefix,
+            health_topic=self.topics.health,
+            status_topic=self.topics.status,
+            interval_s=self.config.telemetry.interval_s,
+            model_name="kioskd",
+            sw_version=__version__,
+        ):
+            self.connection.publish(topic, json.dumps(config).encode("utf-8"), retain=True)
+        log.info("published Home Assistant discovery under %s/", self.config.homeassistant.prefix)
+
     # --- broker callbacks (network thread) ---------------------------------------------------
 
     def _announce_online(self) -> Delivery:
@@ -175,10 +266,16 @@ class App:
         # A broker that restarted without persistence has lost our retained status.
         if self._lifecycle is State.READY:
             self._announce_online()
+        if self.config.homeassistant.enabled:
+            self._publish_discovery()
 
     def _on_message(self, message: Inbound) -> None:
         if message.topic == self.topics.ask:
             self._intake(message)
+        elif message.topic == self._ha_status and self.config.homeassistant.enabled:
+            if message.payload.strip() == b"online":
+                log.info("Home Assistant restarted; sending discovery again")
+                self._publish_discovery()
         elif message.topic == self.topics.cancel:
             request_id = parse_cancel(message.payload)
             if request_id is None:
@@ -252,3 +349,7 @@ class App:
             return connection.publish(topic, payload, correlation_data=correlation_data)
 
         return ReplyStream(publish, topic, request_id, message.correlation_data)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)

@@ -159,11 +159,42 @@ class ShutdownConfig:
     )
 
 
+def _command(value: list[str] | None) -> str | None:
+    return None if value is None or value else "must be a non-empty list, or null to disable"
+
+
 @dataclass(frozen=True)
 class TelemetryConfig:
-    """Health publishing."""
+    """Health publishing and where the hardware readings come from."""
 
-    interval_s: float = _key(30.0, "seconds between retained P/health messages", _at_least(0.2))
+    interval_s: float = _key(
+        30.0, "seconds between retained P/health messages and thermal checks", _at_least(0.2)
+    )
+    sys_root: str = _key("/sys", "root of the sysfs tree with thermal zones and cpufreq")
+    vcgencmd: list[str] | None = _key(
+        ["vcgencmd", "get_throttled"], "Raspberry Pi throttle query; null = not a Pi", _command
+    )
+
+
+@dataclass(frozen=True)
+class ThermalConfig:
+    """Thermal back-off: work less hard instead of letting the firmware throttle."""
+
+    soft_limit_c: float = _key(
+        75.0, "at or above: one generation thread fewer per telemetry interval, down to 1"
+    )
+    hard_limit_c: float = _key(82.0, "at or above: no new generations (error overheated)")
+    resume_below_c: float = _key(
+        70.0, "below: take questions again and add back one thread per interval"
+    )
+
+
+@dataclass(frozen=True)
+class HomeAssistantConfig:
+    """Home Assistant MQTT discovery."""
+
+    enabled: bool = _key(False, "publish discovery configs so Home Assistant shows this kiosk")
+    prefix: str = _key("homeassistant", "Home Assistant's discovery prefix", _topic_prefix)
 
 
 @dataclass(frozen=True)
@@ -185,6 +216,8 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    thermal: ThermalConfig = field(default_factory=ThermalConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -295,7 +328,24 @@ def from_dict(
         sections[name] = _build_section(section_types[name], name, keys, where, problems)
     if problems:
         raise ConfigError(problems)
-    return Config(**sections)
+    config = Config(**sections)
+    problems = [f"{where(path)}: {path}: {problem}" for path, problem in _cross_checks(config)]
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _cross_checks(config: Config) -> list[tuple[str, str]]:
+    """Rules that tie two keys together, as (key path, problem)."""
+    thermal, mqtt = config.thermal, config.mqtt
+    problems = []
+    if not thermal.soft_limit_c < thermal.hard_limit_c:
+        problems.append(("thermal.soft_limit_c", "must be below thermal.hard_limit_c"))
+    if not thermal.resume_below_c < thermal.soft_limit_c:
+        problems.append(("thermal.resume_below_c", "must be below thermal.soft_limit_c"))
+    if mqtt.reconnect_min_s > mqtt.reconnect_max_s:
+        problems.append(("mqtt.reconnect_min_s", "must not exceed mqtt.reconnect_max_s"))
+    return problems
 
 
 def _build_section(
@@ -341,6 +391,9 @@ def _check_value(expected: Any, value: Any, check: _Check | None) -> str | None:
             or not math.isfinite(value)
         ):
             return "must be a number"
+    elif base is bool:
+        if not isinstance(value, bool):
+            return "must be true or false"
     elif base is int:
         if isinstance(value, bool) or not isinstance(value, int):
             return "must be a whole number"

@@ -78,6 +78,7 @@ class Engine:
         self.hooks = hooks or TestHooks()
         self.name = settings.path.stem.lower()
         self._threads = settings.threads
+        self._wanted_threads = settings.threads
         if not settings.path.is_file():
             raise ModelLoadError(f"model file not found: {settings.path}")
         try:
@@ -116,13 +117,20 @@ class Engine:
 
     @property
     def threads(self) -> int:
-        return self._threads
+        return self._wanted_threads
 
     def set_threads(self, threads: int) -> None:
-        """Change the decode thread count; takes effect from the next token."""
-        self._threads = threads
-        self._llama.context_params.n_threads = threads
-        llama_cpp.llama_set_n_threads(self._llama.ctx, threads, self.settings.threads_batch)
+        """Ask for a new decode thread count; the generation thread applies it at its next token."""
+        self._wanted_threads = threads
+
+    def _apply_threads(self) -> None:
+        # Only the generation thread touches the llama context, so no decode sees a half change.
+        threads = self._wanted_threads
+        if threads != self._threads:
+            llama_cpp.llama_set_n_threads(
+                self._llama.ctx, threads, min(threads, self.settings.threads_batch)
+            )
+            self._threads = threads
 
     def warm_up(self) -> Generation:
         """Run a short generation so the first real question does not pay for cold caches."""
@@ -170,9 +178,11 @@ class Engine:
         first_token: float | None = None
         stopped = False
         hit_length = False
+        self._apply_threads()
         tokens = self._llama.generate(prompt, temp=temp, reset=True)
         try:
             for token in self._tokens(tokens):
+                self._apply_threads()
                 if should_stop():
                     stopped = True
                     break

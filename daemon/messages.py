@@ -6,6 +6,7 @@ import json
 import math
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
@@ -286,3 +287,39 @@ class Error(StreamMessage):
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
+
+
+# --- health ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Health:
+    """The retained `P/health` telemetry message (PROTOCOL.md, "Health")."""
+
+    ts: float
+    device: str
+    state: str
+    uptime_s: int
+    cpu: Mapping[str, Any]
+    memory: Mapping[str, Any]
+    thermal: Mapping[str, Any]
+    model: Mapping[str, Any]
+    queue: Mapping[str, Any]
+    counters: Mapping[str, Any]
+    last: Mapping[str, Any]
+
+    def to_payload(self) -> bytes:
+        body = {
+            "ts": round(self.ts, 3),
+            "device": self.device,
+            "state": self.state,
+            "uptime_s": self.uptime_s,
+            "cpu": dict(self.cpu),
+            "memory": dict(self.memory),
+            "thermal": dict(self.thermal),
+            "model": dict(self.model),
+            "queue": dict(self.queue),
+            "counters": dict(self.counters),
+            "last": dict(self.last),
+        }
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

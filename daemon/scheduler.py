@@ -98,6 +98,7 @@ class Scheduler:
         self._draining = False
         self._stopping = False
         self._abort_running = False
+        self._overheated_retry_s: float | None = None
         self._next_deadline = float("inf")
         self._request_s = _DEFAULT_REQUEST_S
         self.counters = Counters()
@@ -118,6 +119,12 @@ class Scheduler:
     def busy(self) -> bool:
         return self._running is not None
 
+    def set_overheated(self, retry_after_s: float | None) -> None:
+        """Pause new generations (None resumes); queued requests wait, new ones are refused."""
+        with self._cond:
+            self._overheated_retry_s = retry_after_s
+            self._cond.notify_all()
+
     def start(self, generator: Generator) -> None:
         """Start the worker once the model is warm; jobs submitted before wait in the queue."""
         with self._cond:
@@ -136,6 +143,16 @@ class Scheduler:
                     Error(
                         ErrorCode.SHUTTING_DOWN,
                         "kioskd is shutting down; ask again once its status is online",
+                    )
+                )
+                return
+            if self._overheated_retry_s is not None:
+                self.counters.rejected += 1
+                job.stream.send(
+                    Error(
+                        ErrorCode.OVERHEATED,
+                        "the kiosk is too hot and has paused answering; retry later",
+                        retry_after_s=self._overheated_retry_s,
                     )
                 )
                 return
@@ -238,7 +255,7 @@ class Scheduler:
                 if self._stopping:
                     return None
                 self._expire_deadlines()
-                if self._queue and self._ready:
+                if self._queue and self._ready and self._overheated_retry_s is None:
                     job = self._queue.popleft()
                     self._running = job
                     self._update_next_deadline()

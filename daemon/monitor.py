@@ -1,0 +1,103 @@
+"""Once per telemetry interval: read the sensors, apply thermal back-off, publish P/health.
+
+Runs on its own thread, so reading /sys, psutil and vcgencmd never delays a token; the
+generation thread only sees a new thread count between two tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from daemon.messages import Health
+from daemon.telemetry import Telemetry, TelemetryReader
+from daemon.thermal import ThermalDecision, ThermalGovernor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the rest of the daemon contributes to a health message."""
+
+    state: str
+    model: dict[str, object]
+    queue: dict[str, object]
+    counters: dict[str, object]
+    last: dict[str, object]
+
+
+class Monitor:
+    """The periodic health and thermal loop."""
+
+    def __init__(
+        self,
+        *,
+        device: str,
+        interval_s: float,
+        reader: TelemetryReader,
+        governor: ThermalGovernor,
+        snapshot: Callable[[], Snapshot],
+        on_decision: Callable[[ThermalDecision], None],
+        publish: Callable[[bytes], None],
+    ) -> None:
+        self._device = device
+        self._interval_s = interval_s
+        self._reader = reader
+        self._governor = governor
+        self._snapshot = snapshot
+        self._on_decision = on_decision
+        self._publish = publish
+        self._started_monotonic = time.monotonic()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="kioskd-monitor", daemon=True)
+        self.last_telemetry: Telemetry | None = None
+        self.last_decision: ThermalDecision | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def report(self) -> None:
+        """Read, decide and publish now (also called on lifecycle changes)."""
+        with self._lock:  # the loop and a lifecycle change may both report at once
+            telemetry = self._reader.read()
+            thermal = telemetry.thermal
+            decision = self._governor.update(thermal.cpu_c, thermal.throttled.now)
+            self.last_telemetry, self.last_decision = telemetry, decision
+            if decision.changed:
+                log.warning("thermal: %s", decision.reason)
+                self._on_decision(decision)
+            self._publish(self._health(telemetry).to_payload())
+
+    def _health(self, telemetry: Telemetry) -> Health:
+        snapshot = self._snapshot()
+        sections = telemetry.to_dict()
+        return Health(
+            ts=time.time(),
+            device=self._device,
+            state=snapshot.state,
+            uptime_s=int(time.monotonic() - self._started_monotonic),
+            cpu=sections["cpu"],
+            memory=sections["memory"],
+            thermal=sections["thermal"],
+            model=snapshot.model,
+            queue=snapshot.queue,
+            counters=snapshot.counters,
+            last=snapshot.last,
+        )
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self.report()
+            except Exception:
+                log.exception("health report failed; trying again next interval")
