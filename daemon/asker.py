@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import time
@@ -20,6 +21,7 @@ class Answer:
 
     request_id: str
     messages: list[dict[str, Any]] = field(default_factory=list)
+    arrivals_monotonic: list[float] = field(default_factory=list)
     final: dict[str, Any] | None = None
     sent_monotonic: float = 0.0
     first_chunk_monotonic: float | None = None
@@ -75,6 +77,7 @@ def ask(
                 break
             message = json.loads(payload)
             answer.messages.append(message)
+            answer.arrivals_monotonic.append(arrived)
             if message.get("type") == "chunk" and answer.first_chunk_monotonic is None:
                 answer.first_chunk_monotonic = arrived
             if on_message is not None:
@@ -82,5 +85,33 @@ def ask(
             if message.get("type") in ("done", "error"):
                 answer.final = message
         return answer
+    finally:
+        connection.stop()
+
+
+def read_retained(
+    topics: list[str], *, host: str, port: int, timeout_s: float = 5.0
+) -> dict[str, bytes]:
+    """The retained message of each topic (those that have one arrive right after SUBACK)."""
+    found: dict[str, bytes] = {}
+    complete = queue.Queue[None]()
+
+    def received(message: Inbound) -> None:
+        found[message.topic] = message.payload
+        if all(topic in found for topic in topics):
+            complete.put(None)
+
+    connection = Connection(
+        host=host,
+        port=port,
+        client_id=f"kioskd-status-{new_request_id()}",
+        subscriptions=topics,
+        on_message=received,
+    )
+    connection.start()
+    try:
+        with contextlib.suppress(queue.Empty):
+            complete.get(timeout=timeout_s)
+        return dict(found)
     finally:
         connection.stop()

@@ -1,4 +1,4 @@
-"""Command line: run, check-config, ask, fetch-model."""
+"""Command line: run, check-config, ask, status, fetch-model, bench."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from daemon import __version__, exitcodes
 from daemon.config import Config, ConfigError, load, sanitize_device_id
@@ -45,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print every stream message as JSON")
     ask.set_defaults(handler=_ask)
 
+    status = commands.add_parser("status", help="print a kiosk's latest health as a table")
+    _add_target_options(status)
+    status.add_argument("--timeout-s", type=float, default=5.0, help="wait this long for it")
+    status.add_argument("--json", action="store_true", help="print the raw health JSON")
+    status.set_defaults(handler=_status)
+
     fetch = commands.add_parser(
         "fetch-model", help="download the production model (Qwen2.5-0.5B-Instruct)"
     )
@@ -52,6 +59,16 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--dir", type=Path, help="target directory (default: the models dir)")
     fetch.add_argument("--url", help="download from this https:// or file:// URL instead")
     fetch.set_defaults(handler=_fetch_model)
+
+    bench = commands.add_parser(
+        "bench", help="measure kioskd over MQTT against the raw llama-cpp-python loop"
+    )
+    bench.add_argument("--reps", type=int, default=5, help="repetitions per length")
+    bench.add_argument("--tokens", default="64,512", help="answer lengths, comma-separated")
+    bench.add_argument("--threads", type=int, help="model threads (default: as kioskd)")
+    bench.add_argument("--model", help="GGUF file (default: as kioskd resolves it)")
+    bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output dir")
+    bench.set_defaults(handler=_bench)
     return parser
 
 
@@ -99,12 +116,11 @@ def _check_config(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
-def _ask(args: argparse.Namespace) -> int:
-    from daemon.asker import Answer, ask  # noqa: PLC0415
-
+def _target(args: argparse.Namespace) -> tuple[str, int, str] | None:
+    """Broker host, port and kiosk prefix from --host/--port/--prefix, else --config."""
     config = _load_or_report(args.config)
     if config is None:
-        return exitcodes.CONFIG_ERROR
+        return None
     host = args.host or config.mqtt.host
     port = args.port or config.mqtt.port
     if args.prefix:
@@ -113,6 +129,96 @@ def _ask(args: argparse.Namespace) -> int:
         prefix = config.topic_prefix
     else:
         prefix = f"kiosk/{sanitize_device_id(socket.gethostname())}"
+    return host, port, prefix
+
+
+def _status(args: argparse.Namespace) -> int:
+    from daemon.asker import read_retained  # noqa: PLC0415
+    from daemon.topics import Topics  # noqa: PLC0415
+
+    target = _target(args)
+    if target is None:
+        return exitcodes.CONFIG_ERROR
+    host, port, prefix = target
+    topics = Topics(prefix)
+    retained = read_retained(
+        [topics.status, topics.health], host=host, port=port, timeout_s=args.timeout_s
+    )
+    if topics.health not in retained:
+        status = retained.get(topics.status, b"unknown").decode("utf-8", "replace")
+        print(f"{prefix}: no health message on {host}:{port} (status: {status})", file=sys.stderr)
+        return exitcodes.FAILURE
+    health = json.loads(retained[topics.health])
+    if args.json:
+        print(json.dumps(health, indent=2, ensure_ascii=False))
+    else:
+        status = retained.get(topics.status, b"unknown").decode("utf-8", "replace")
+        print(render_health(prefix, status, health))
+    return exitcodes.OK
+
+
+def render_health(prefix: str, status: str, health: dict[str, Any]) -> str:
+    """A kiosk's health as a short table for a terminal; null readings show as '-'."""
+
+    def show(value: object, unit: str = "") -> str:
+        return "-" if value is None else f"{value}{unit}"
+
+    cpu, memory, thermal = health["cpu"], health["memory"], health["thermal"]
+    throttled = thermal["throttled"]
+    zones = ", ".join(f"{name} {show(temp, ' C')}" for name, temp in thermal["zones"].items())
+    cores = " ".join(show(c) for c in cpu["per_core"] or [])
+    load = " ".join(show(x) for x in cpu["load"] or [])
+    model, queue, counters, last = (
+        health["model"],
+        health["queue"],
+        health["counters"],
+        health["last"],
+    )
+    rows = [
+        (
+            "Kiosk",
+            f"{prefix} ({health['device']}): {status}, state {health['state']}, "
+            f"up {health['uptime_s']} s",
+        ),
+        (
+            "CPU",
+            f"{show(cpu['percent'], ' %')} [{cores}], {show(cpu['freq_mhz'], ' MHz')}, "
+            f"load {load or '-'}",
+        ),
+        (
+            "Memory",
+            f"{show(memory['available_mb'])} of {show(memory['total_mb'])} MiB free, "
+            f"kioskd RSS {show(memory['rss_mb'], ' MiB')}",
+        ),
+        (
+            "Thermal",
+            f"CPU {show(thermal['cpu_c'], ' C')}; throttled now "
+            f"{show(throttled['now'])}, since boot {show(throttled['since_boot'])} "
+            f"{' '.join(throttled['flags'])}".rstrip(),
+        ),
+        ("Zones", zones or "-"),
+        (
+            "Model",
+            f"{show(model['name'])}, {show(model['threads'])} threads, ctx {show(model['ctx'])}",
+        ),
+        ("Queue", f"{queue['depth']} waiting of {queue['capacity']}"),
+        ("Counters", ", ".join(f"{k} {v}" for k, v in counters.items())),
+        (
+            "Last",
+            f"{show(last['tokens_per_s'], ' tok/s')}, first token "
+            f"{show(last['first_token_ms'], ' ms')}",
+        ),
+    ]
+    return "\n".join(f"{name:<9} {text}" for name, text in rows)
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from daemon.asker import Answer, ask  # noqa: PLC0415
+
+    target = _target(args)
+    if target is None:
+        return exitcodes.CONFIG_ERROR
+    host, port, prefix = target
 
     def show(message: dict[str, object]) -> None:
         if args.json:
@@ -143,6 +249,32 @@ def _ask(args: argparse.Namespace) -> int:
         return exitcodes.FAILURE
     if not args.json:
         print()
+    return exitcodes.OK
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from daemon.bench import run_bench  # noqa: PLC0415 - loads llama.cpp
+
+    _setup_logging("WARNING")
+    lengths = [int(n) for n in args.tokens.split(",")]
+    result = run_bench(
+        reps=args.reps, lengths=lengths, threads=args.threads, model=args.model, out_dir=args.out
+    )
+    print(
+        f"model {result['model']}, {result['threads']} threads, {result['reps']} reps; "
+        f"kioskd RSS {result['kioskd_rss_mb']} MB"
+    )
+    print(
+        f"{'tokens':>6} {'raw tok/s':>10} {'kioskd tok/s':>13} {'ratio':>7} "
+        f"{'overhead ms (median/max)':>26}"
+    )
+    for length, row in result["summary"].items():
+        print(
+            f"{length:>6} {row['raw_decode_tokens_per_s']:>10} "
+            f"{row['kioskd_decode_tokens_per_s']:>13} {row['ratio_kioskd_over_raw']:>7} "
+            f"{row['first_chunk_overhead_ms_median']:>13} / {row['first_chunk_overhead_ms_max']}"
+        )
+    print(f"full results: {args.out / 'bench.json'}")
     return exitcodes.OK
 
 
