@@ -55,9 +55,13 @@ class Broker:
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence false\n"
-            f"log_dest file {self.workdir / 'mosquitto.log'}\n"
+            # stderr, not a file: started as root, mosquitto drops to its own user.
+            "log_dest stderr\n"
         )
-        self.process = subprocess.Popen([MOSQUITTO, "-c", str(conf)])
+        with (self.workdir / "mosquitto.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [MOSQUITTO, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+            )
         wait_listening(self.port)
 
     def stop(self) -> None:
