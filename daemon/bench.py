@@ -1,0 +1,325 @@
+"""`kioskd bench`: the daemon over MQTT against the raw llama-cpp-python token loop.
+
+Both run the same model file, prompt and thread count, interleaved in one run so that
+machine noise hits both alike. The daemon runs as a subprocess against a private mosquitto
+on a free loopback port; the raw loop runs in this process. End-of-turn is ignored in both
+(KIOSKD_TEST_IGNORE_EOS) so every answer has exactly the asked length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import psutil
+import yaml
+
+from daemon.asker import Answer, ask
+from daemon.config import default_threads
+from daemon.engine import Engine, EngineSettings, TestHooks
+from daemon.models import resolve
+
+QUESTION = "Explain briefly how a factory conveyor belt works."
+SYSTEM_PROMPT = "You are a helpful assistant on a factory-floor kiosk. Answer briefly and plainly."
+
+
+@dataclass(frozen=True)
+class Sample:
+    system: str  # "raw" or "kioskd"
+    tokens: int
+    decode_tokens_per_s: float
+    first_token_ms: float  # raw: prompt + first token; kioskd: as seen by the client
+    model_first_token_ms: float  # the model's own time to the first token
+    first_chunk_overhead_ms: float | None  # kioskd only: client first chunk - model first token
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_listening(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"mosquitto did not start on port {port}")
+
+
+@contextmanager
+def _mosquitto(workdir: Path) -> Iterator[int]:
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = _free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    process = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
+    try:
+        _wait_listening(port)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@contextmanager
+def _daemon(
+    workdir: Path,
+    port: int,
+    model: Path,
+    threads: int,
+    max_tokens: int,
+    *,
+    prefix: str = "bench/kiosk",
+    telemetry_interval_s: float = 30.0,
+) -> Iterator[subprocess.Popen[bytes]]:
+    name = prefix.replace("/", "-")
+    config = {
+        "mqtt": {"port": port, "topic_prefix": prefix},
+        "telemetry": {"interval_s": telemetry_interval_s},
+        "model": {
+            "path": str(model),
+            "threads": threads,
+            "max_tokens": max_tokens,
+            "system_prompt": SYSTEM_PROMPT,
+            "temperature": 0.0,
+        },
+        "logging": {"level": "WARNING"},
+    }
+    config_path = workdir / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "KIOSKD_TEST_IGNORE_EOS": "1"}
+    log = (workdir / f"{name}.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "run", "--config", str(config_path)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        # A 1-token question answered means the model is loaded and warm.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (
+                ask(
+                    "ping", host="127.0.0.1", port=port, prefix=prefix, max_tokens=1, timeout_s=5
+                ).final
+                is not None
+            ):
+                break
+        else:
+            raise RuntimeError(f"kioskd did not answer; see {workdir / name}.log")
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+        log.close()
+
+
+def _raw_sample(engine: Engine, tokens: int) -> Sample:
+    """The plain llama-cpp-python loop: generate, detokenize each token, nothing else."""
+    llama = engine._llama
+    prompt = engine.prompt_tokens(QUESTION)
+    pieces: list[bytes] = []
+    started = time.monotonic()
+    first: float | None = None
+    count = 0
+    for token in llama.generate(prompt, temp=0.0, reset=True):
+        if first is None:
+            first = time.monotonic()
+        pieces.append(llama.detokenize([token]))
+        count += 1
+        if count >= tokens:
+            break
+    end = time.monotonic()
+    if first is None:
+        raise RuntimeError("the raw loop produced no token")
+    first_ms = (first - started) * 1000
+    return Sample("raw", count, (count - 1) / (end - first), first_ms, first_ms, None)
+
+
+def _kioskd_sample(port: int, tokens: int, prefix: str = "bench/kiosk") -> Sample:
+    answer: Answer = ask(
+        QUESTION,
+        host="127.0.0.1",
+        port=port,
+        prefix=prefix,
+        max_tokens=tokens,
+        temperature=0.0,
+        timeout_s=600,
+    )
+    final = answer.final
+    if final is None or final.get("type") != "done" or answer.first_chunk_monotonic is None:
+        raise RuntimeError(f"kioskd did not answer properly: {final}")
+    chunk_arrivals = [
+        t
+        for t, m in zip(answer.arrivals_monotonic, answer.messages, strict=True)
+        if m["type"] == "chunk"
+    ]
+    completion = int(final["usage"]["completion_tokens"])
+    # Tokens after the first, over the time between the first and the last chunk's arrival.
+    decode = (completion - 1) / (chunk_arrivals[-1] - chunk_arrivals[0])
+    client_first_ms = (answer.first_chunk_monotonic - answer.sent_monotonic) * 1000
+    timing = final["timing"]
+    model_first_ms = float(timing["first_token_ms"]) - float(timing["queued_ms"])
+    return Sample(
+        "kioskd",
+        completion,
+        decode,
+        client_first_ms,
+        model_first_ms,
+        client_first_ms - model_first_ms,
+    )
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summarize(samples: list[Sample], lengths: list[int]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for length in lengths:
+        raw = [s for s in samples if s.system == "raw" and s.tokens == length]
+        daemon = [s for s in samples if s.system == "kioskd" and s.tokens == length]
+        raw_tps = statistics.median(s.decode_tokens_per_s for s in raw)
+        daemon_tps = statistics.median(s.decode_tokens_per_s for s in daemon)
+        overheads = [s.first_chunk_overhead_ms or 0.0 for s in daemon]
+        summary[str(length)] = {
+            "raw_decode_tokens_per_s": round(raw_tps, 2),
+            "kioskd_decode_tokens_per_s": round(daemon_tps, 2),
+            "ratio_kioskd_over_raw": round(daemon_tps / raw_tps, 4),
+            "raw_first_token_ms": round(statistics.median(s.first_token_ms for s in raw), 1),
+            "kioskd_first_chunk_ms": round(statistics.median(s.first_token_ms for s in daemon), 1),
+            "first_chunk_overhead_ms_median": round(statistics.median(overheads), 2),
+            "first_chunk_overhead_ms_max": round(max(overheads), 2),
+            "first_chunk_overhead_ms_p99": round(_percentile(overheads, 0.99), 2),
+        }
+    return summary
+
+
+def run_bench(
+    *, reps: int, lengths: list[int], threads: int | None, model: str | None, out_dir: Path
+) -> dict[str, Any]:
+    resolved = resolve(model).path
+    thread_count = threads or default_threads()
+    samples: list[Sample] = []
+    engine = Engine(
+        EngineSettings(
+            resolved, thread_count, thread_count, 2048, max(lengths), 0.0, SYSTEM_PROMPT, "auto"
+        ),
+        TestHooks(ignore_eos=True),
+    )
+    with tempfile.TemporaryDirectory(prefix="kioskd-bench-") as tmp:
+        workdir = Path(tmp)
+        with (
+            _mosquitto(workdir) as port,
+            _daemon(workdir, port, resolved, thread_count, max(lengths)) as daemon,
+        ):
+            _raw_sample(engine, 8)  # warm both sides before measuring
+            _kioskd_sample(port, 8)
+            for rep in range(reps):
+                for length in lengths:
+                    # Alternate which goes first, so neither always follows the other.
+                    order = ("raw", "kioskd") if rep % 2 == 0 else ("kioskd", "raw")
+                    for system in order:
+                        sample = (
+                            _raw_sample(engine, length)
+                            if system == "raw"
+                            else _kioskd_sample(port, length)
+                        )
+                        samples.append(sample)
+                        print(
+                            f"rep {rep + 1}/{reps} {system:6} {length:4} tokens: "
+                            f"{sample.decode_tokens_per_s:6.1f} tok/s, first "
+                            f"{sample.first_token_ms:6.1f} ms",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+            daemon_rss_mb = psutil.Process(daemon.pid).memory_info().rss / 2**20
+    engine.close()
+    result = {
+        "command": "kioskd bench " + " ".join(sys.argv[2:]),
+        "model": str(resolved),
+        "threads": thread_count,
+        "reps": reps,
+        "machine": {"cpu_count": os.cpu_count(), "llama_cpp_python": llama_cpp.__version__},
+        "kioskd_rss_mb": round(daemon_rss_mb, 1),
+        "summary": summarize(samples, lengths),
+        "samples": [asdict(s) for s in samples],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run_telemetry_bench(
+    *, reps: int, tokens: int, threads: int | None, model: str | None, out_dir: Path
+) -> dict[str, Any]:
+    """Decode speed with P/health every 1 s against telemetry effectively off (once a day)."""
+    resolved = resolve(model).path
+    thread_count = threads or default_threads()
+    fast, off = "bench/telemetry-1s", "bench/telemetry-off"
+    rates: dict[str, list[float]] = {fast: [], off: []}
+    with tempfile.TemporaryDirectory(prefix="kioskd-bench-") as tmp:
+        workdir = Path(tmp)
+        with (
+            _mosquitto(workdir) as port,
+            _daemon(
+                workdir, port, resolved, thread_count, tokens, prefix=fast, telemetry_interval_s=1.0
+            ),
+            _daemon(
+                workdir,
+                port,
+                resolved,
+                thread_count,
+                tokens,
+                prefix=off,
+                telemetry_interval_s=86400.0,
+            ),
+        ):
+            for rep in range(reps):
+                for prefix in (fast, off) if rep % 2 == 0 else (off, fast):
+                    sample = _kioskd_sample(port, tokens, prefix)
+                    rates[prefix].append(sample.decode_tokens_per_s)
+                    print(
+                        f"rep {rep + 1}/{reps} {prefix:22} {sample.decode_tokens_per_s:6.1f} tok/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    ratios = [a / b for a, b in zip(rates[fast], rates[off], strict=True)]
+    result = {
+        "command": "kioskd bench " + " ".join(sys.argv[2:]),
+        "model": str(resolved),
+        "threads": thread_count,
+        "tokens": tokens,
+        "reps": reps,
+        "telemetry_1s_tokens_per_s_median": round(statistics.median(rates[fast]), 2),
+        "telemetry_off_tokens_per_s_median": round(statistics.median(rates[off]), 2),
+        "drop_percent_of_medians": round(
+            100 * (1 - statistics.median(rates[fast]) / statistics.median(rates[off])), 2
+        ),
+        "drop_percent_median_of_pairs": round(100 * (1 - statistics.median(ratios)), 2),
+        "samples": rates,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench-telemetry.json").write_text(json.dumps(result, indent=2))
+    return result
