@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="model threads (default: as kioskd)")
     bench.add_argument("--model", help="GGUF file (default: as kioskd resolves it)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output dir")
+    bench.add_argument(
+        "--telemetry-overhead",
+        action="store_true",
+        help="instead: decode speed with health every 1 s against telemetry off",
+    )
     bench.set_defaults(handler=_bench)
     return parser
 
@@ -257,6 +262,24 @@ def _bench(args: argparse.Namespace) -> int:
 
     _setup_logging("WARNING")
     lengths = [int(n) for n in args.tokens.split(",")]
+    if args.telemetry_overhead:
+        from daemon.bench import run_telemetry_bench  # noqa: PLC0415
+
+        telemetry = run_telemetry_bench(
+            reps=args.reps,
+            tokens=max(lengths),
+            threads=args.threads,
+            model=args.model,
+            out_dir=args.out,
+        )
+        print(
+            f"{telemetry['tokens']} tokens, {telemetry['reps']} reps: telemetry every 1 s "
+            f"{telemetry['telemetry_1s_tokens_per_s_median']} tok/s, off "
+            f"{telemetry['telemetry_off_tokens_per_s_median']} tok/s; drop "
+            f"{telemetry['drop_percent_median_of_pairs']} % (median of paired runs)"
+        )
+        print(f"full results: {args.out / 'bench-telemetry.json'}")
+        return exitcodes.OK
     result = run_bench(
         reps=args.reps, lengths=lengths, threads=args.threads, model=args.model, out_dir=args.out
     )
