@@ -165,8 +165,13 @@ class Scheduler:
                     )
                 )
                 return
-            waiting = self._running is not None or bool(self._queue) or not self._ready
-            if waiting and len(self._queue) >= self._capacity:
+            if self._running is None and not self._queue and self._ready:
+                # Hand an idle worker its job directly: a second question arriving before the
+                # worker wakes must see this one as running, not as waiting ahead of it.
+                self._running = job
+                self._cond.notify_all()
+                return
+            if len(self._queue) >= self._capacity:
                 self.counters.rejected += 1
                 job.stream.send(
                     Error(
@@ -177,8 +182,7 @@ class Scheduler:
                 )
                 return
             self._queue.append(job)
-            if waiting:
-                job.stream.send(Queued(position=len(self._queue)))
+            job.stream.send(Queued(position=len(self._queue)))
             self._update_next_deadline()
             self._cond.notify_all()
 
@@ -187,6 +191,11 @@ class Scheduler:
         with self._cond:
             self.counters.errors += 1
         stream.send(Error(error.code, error.message))
+
+    def is_active(self, request_id: str) -> bool:
+        """Whether a request with this id is running or queued."""
+        with self._cond:
+            return self._find(request_id) is not None
 
     def cancel(self, request_id: str) -> bool:
         """Cancel a running or queued request; False when the id is unknown."""
@@ -252,6 +261,9 @@ class Scheduler:
     def _next_job(self) -> Job | None:
         with self._cond:
             while True:
+                if self._running is not None:
+                    # Handed over by submit(); even when stopping it must get its terminal message.
+                    return self._running
                 if self._stopping:
                     return None
                 self._expire_deadlines()

@@ -171,9 +171,14 @@ def test_rss_of_a_vanished_process_is_null() -> None:
 
 def test_rss_follows_the_given_pid() -> None:
     child = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+        [sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
     )
     try:
+        # Only once it has started up does its RSS stay put between the two reads.
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"ready\n"
         memory = TelemetryReader(SYS / "pi5", vcgencmd=NO_VCGENCMD, pid=child.pid).read().memory
         expected_mb = round(psutil.Process(child.pid).memory_info().rss / 2**20)
     finally:
