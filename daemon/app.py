@@ -19,6 +19,7 @@ from daemon.messages import Error, ErrorCode, RequestError, parse_cancel, parse_
 from daemon.models import resolve
 from daemon.monitor import Monitor, Snapshot
 from daemon.scheduler import Job, Scheduler
+from daemon.service import Notifier, Watchdog, WorkerProgress
 from daemon.stream import ReplyStream
 from daemon.telemetry import TelemetryReader
 from daemon.thermal import ThermalDecision, ThermalGovernor
@@ -54,6 +55,10 @@ class App:
         self._model_name: str | None = None
         self._throttled = False
         self.scheduler = Scheduler(capacity=config.queue.capacity)
+        self.notifier = Notifier()
+        self.watchdog = Watchdog(
+            self.notifier, stall_s=config.watchdog.stall_s, progress=self._worker_progress
+        )
         telemetry, thermal = config.telemetry, config.thermal
         self.monitor = Monitor(
             device=config.device_id,
@@ -84,6 +89,8 @@ class App:
             on_connected=self._on_connected,
             reconnect_min_s=mqtt.reconnect_min_s,
             reconnect_max_s=mqtt.reconnect_max_s,
+            username=mqtt.username,
+            password=config.mqtt_password(),
         )
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -101,6 +108,18 @@ class App:
             log.info("state: %s -> %s", self._lifecycle, state)
             self._lifecycle = state
             self._report_health()
+            self.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        """One human line for systemd's STATUS=: "ready: qwen2.5-0.5b, 3 threads, 54 C"."""
+        telemetry = self.monitor.last_telemetry
+        cpu_c = telemetry.thermal.cpu_c if telemetry is not None else None
+        temp = "temperature unknown" if cpu_c is None else f"{cpu_c:.0f} C"
+        model = self._model_name or "model not loaded"
+        return f"{self.state}: {model}, {self.monitor_threads()} threads, {temp}"
+
+    def _worker_progress(self) -> WorkerProgress:
+        return WorkerProgress(self.scheduler.busy, self.scheduler.last_progress_monotonic)
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit code."""
@@ -139,6 +158,8 @@ class App:
         self.scheduler.start(self._engine)
         self._enter(State.READY)
         self._announce_online()
+        self.notifier.ready(self.status_line())
+        self.watchdog.start()
         self._stop.wait()
         return exitcodes.OK
 
@@ -170,6 +191,8 @@ class App:
         return engine
 
     def _shutdown(self) -> None:
+        self.notifier.stopping()
+        self.watchdog.stop()
         self._enter(State.DRAINING)
         self.scheduler.drain(self.config.shutdown.grace_s)
         self.monitor.stop()
@@ -206,6 +229,7 @@ class App:
 
     def _apply_thermal(self, decision: ThermalDecision) -> None:
         self._throttled = decision.throttled
+        self.notifier.status(f"{self.status_line()} ({decision.reason})")
         if self._engine is not None:
             self._engine.set_threads(decision.threads)
         # The governor looks again every interval; two intervals is a fair first retry.
@@ -323,6 +347,16 @@ class App:
             )
             stream = self._stream(self.topics.answer(request.id), request.id, message)
             self.scheduler.reject(stream, error)
+            return
+        if self.scheduler.is_active(request.id):
+            # Its P/answer/{id} belongs to the request already running: refuse on P/error so
+            # that stream keeps exactly one terminal message.
+            duplicate = RequestError(
+                ErrorCode.INVALID_REQUEST,
+                f"id: {request.id} is already running or queued; use a new id per question",
+                request.id,
+            )
+            self.scheduler.reject(self._stream(self.topics.error, request.id, message), duplicate)
             return
         log.debug("request %s: %r", request.id, request.question, extra={"request_id": request.id})
         topic = response_topic or self.topics.answer(request.id)

@@ -54,6 +54,12 @@ def _topic_prefix(value: str) -> str | None:
     return None
 
 
+def _device_id(value: str | None) -> str | None:
+    if value is None or re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        return None
+    return "must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-' (it becomes a topic level)"
+
+
 def _reply_prefixes(value: list[str] | None) -> str | None:
     if value is None:
         return None
@@ -78,7 +84,9 @@ class MqttConfig:
     port: int = _key(1883, "broker TCP port", _between(1, 65535))
     protocol: str = _key("5", "MQTT protocol version: '5' or '3.1.1'", _one_of("5", "3.1.1"))
     device_id: str | None = _key(
-        None, "this kiosk's name in topics; null = the host name, lower-cased and sanitised"
+        None,
+        "this kiosk's name in topics; null = the host name, lower-cased and sanitised",
+        _device_id,
     )
     topic_prefix: str = _key(
         "kiosk/{device_id}", "prefix P of every topic; {device_id} is substituted", _topic_prefix
@@ -94,6 +102,10 @@ class MqttConfig:
     )
     reply_prefixes: list[str] | None = _key(
         None, "allowed MQTT 5 Response Topic prefixes; null = [P/answer/]", _reply_prefixes
+    )
+    username: str | None = _key(None, "MQTT user name; null = connect anonymously")
+    password_file: str | None = _key(
+        None, "file holding the MQTT password; null = $CREDENTIALS_DIRECTORY/mqtt-password if set"
     )
     reconnect_min_s: float = _key(1.0, "first reconnect delay after losing the broker", _positive)
     reconnect_max_s: float = _key(30.0, "longest reconnect delay (doubling backoff)", _positive)
@@ -198,6 +210,15 @@ class HomeAssistantConfig:
 
 
 @dataclass(frozen=True)
+class WatchdogConfig:
+    """systemd watchdog: when to stop pinging so that a hung daemon is restarted."""
+
+    stall_s: float = _key(
+        90.0, "a generation with no new token for this long counts as hung", _between(1, 3600)
+    )
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """Log output."""
 
@@ -218,6 +239,7 @@ class Config:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     thermal: ThermalConfig = field(default_factory=ThermalConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -237,6 +259,23 @@ class Config:
         if self.mqtt.reply_prefixes is None:
             return (f"{self.topic_prefix}/answer/",)
         return tuple(p.replace("{device_id}", self.device_id) for p in self.mqtt.reply_prefixes)
+
+    def mqtt_password(self) -> str | None:
+        """The MQTT password from its file or systemd credential; never logged or printed."""
+        path = self.mqtt.password_file
+        if path is None:
+            credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not credentials:
+                return None
+            path = str(Path(credentials) / "mqtt-password")
+            if not Path(path).is_file():
+                return None
+        try:
+            # The unit's fallback credential is a lone newline: that means "no password".
+            password = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError([f"mqtt.password_file: cannot read {path}: {exc.strerror}"]) from exc
+        return password or None
 
     @property
     def threads(self) -> int:

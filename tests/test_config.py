@@ -87,6 +87,8 @@ def test_misspelled_key_names_path_line_and_suggestion(tmp_path: Path) -> None:
         ({"shutdown": {"grace_s": float("nan")}}, "shutdown.grace_s: must be a number"),
         ({"mqtt": ["host"]}, "mqtt: must be a mapping"),
         ({"logging": {"level": "LOUD"}}, "logging.level: must be one of"),
+        ({"mqtt": {"device_id": "line/3"}}, "mqtt.device_id: must be 1-64 characters"),
+        ({"mqtt": {"device_id": "#"}}, "mqtt.device_id: must be 1-64 characters"),
     ],
 )
 def test_bad_values_are_reported(raw: dict[str, object], expected: str) -> None:
@@ -165,3 +167,9 @@ def test_run_with_a_bad_config_exits_with_the_config_code(tmp_path: Path) -> Non
     )
     assert result.returncode == 78
     assert "queue.capasity: unknown key (did you mean queue.capacity?)" in result.stderr
+
+
+def test_readme_documents_every_key() -> None:
+    readme = (REPO / "README.md").read_text()
+    for path, _default, _doc in describe():
+        assert f"| `{path}` |" in readme, f"{path} is not in README.md's key table"
