@@ -74,6 +74,8 @@ class Connection:
         on_connected: Callable[[], None] | None = None,
         reconnect_min_s: float = 1.0,
         reconnect_max_s: float = 30.0,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         """`session_expiry_s=None` asks for a clean, throw-away session; else a persistent one."""
         self._host = host
@@ -95,6 +97,8 @@ class Connection:
         self._client.reconnect_delay_set(
             min_delay=max(1, round(reconnect_min_s)), max_delay=max(1, round(reconnect_max_s))
         )
+        if username is not None:
+            self._client.username_pw_set(username, password)
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
         self._client.on_socket_open = self._handle_socket_open

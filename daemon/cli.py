@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import socket
@@ -107,10 +108,20 @@ def _run(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return exitcodes.CONFIG_ERROR
-    _setup_logging(config.logging.level)
+    from daemon.service import setup_logging  # noqa: PLC0415
+
+    setup_logging(config.logging.level)
+    # A watchdog kill (SIGABRT) then leaves every thread's traceback in the journal.
+    faulthandler.enable()
     from daemon.app import App  # noqa: PLC0415 - keeps check-config and ask free of llama.cpp
 
-    return App(config).run()
+    try:
+        app = App(config)
+    except ConfigError as exc:  # e.g. an unreadable password file
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return exitcodes.CONFIG_ERROR
+    return app.run()
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -288,14 +299,15 @@ def _bench(args: argparse.Namespace) -> int:
         f"kioskd RSS {result['kioskd_rss_mb']} MB"
     )
     print(
-        f"{'tokens':>6} {'raw tok/s':>10} {'kioskd tok/s':>13} {'ratio':>7} "
-        f"{'overhead ms (median/max)':>26}"
+        f"{'tokens':>6} {'raw tok/s':>10} {'kioskd tok/s':>13} {'ratio':>7} {'paired':>7} "
+        f"{'overhead ms (median/p99)':>26}"
     )
     for length, row in result["summary"].items():
         print(
             f"{length:>6} {row['raw_decode_tokens_per_s']:>10} "
             f"{row['kioskd_decode_tokens_per_s']:>13} {row['ratio_kioskd_over_raw']:>7} "
-            f"{row['first_chunk_overhead_ms_median']:>13} / {row['first_chunk_overhead_ms_max']}"
+            f"{row['ratio_median_of_pairs']:>7} "
+            f"{row['first_chunk_overhead_ms_median']:>13} / {row['first_chunk_overhead_ms_p99']}"
         )
     print(f"full results: {args.out / 'bench.json'}")
     return exitcodes.OK
