@@ -55,6 +55,7 @@ class Broker:
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence false\n"
+            "set_tcp_nodelay true\n"
             # stderr, not a file: started as root, mosquitto drops to its own user.
             "log_dest stderr\n"
         )
