@@ -10,9 +10,11 @@ from enum import StrEnum
 from pathlib import Path
 from types import FrameType
 
+import yaml
+
 from daemon import __version__, exitcodes
 from daemon.broker import Connection, Delivery, Inbound, Will
-from daemon.config import Config
+from daemon.config import Config, ConfigError, from_dict
 from daemon.discovery import discovery_messages
 from daemon.engine import Engine, EngineSettings, ModelLoadError, TestHooks
 from daemon.messages import Error, ErrorCode, RequestError, parse_cancel, parse_request
@@ -387,3 +389,36 @@ class App:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
+
+
+def report_config_error(config_path: Path, problems: list[str]) -> None:
+    """Tell clients why this kiosk is not coming up, if the file's mqtt section is usable.
+
+    Connects under a separate client id, so the daemon's persistent session (and the questions
+    queued in it) is left alone.
+    """
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        mqtt = raw.get("mqtt") if isinstance(raw, dict) else None
+        config = from_dict({"mqtt": mqtt or {}})
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError):
+        return  # without a valid broker address there is no one to tell
+    topics = Topics(config.topic_prefix)
+    connection = Connection(
+        host=config.mqtt.host,
+        port=config.mqtt.port,
+        client_id=f"{config.client_id}-config-error",
+        protocol=config.mqtt.protocol,
+        username=config.mqtt.username,
+        password=config.mqtt_password(),
+    )
+    connection.start()
+    try:
+        if not connection.wait_connected(_FLUSH_TIMEOUT_S):
+            return
+        message = "kioskd cannot start: invalid configuration: " + "; ".join(problems)
+        payload = Error(ErrorCode.INTERNAL, message).to_payload(None, 0)
+        connection.publish(topics.error, payload).wait(_FLUSH_TIMEOUT_S)
+        connection.publish(topics.status, b"offline", retain=True).wait(_FLUSH_TIMEOUT_S)
+    finally:
+        connection.stop()

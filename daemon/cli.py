@@ -105,8 +105,14 @@ def _load_or_report(path: Path | None) -> Config | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = _load_or_report(args.config)
-    if config is None:
+    try:
+        config = Config() if args.config is None else load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        from daemon.app import report_config_error  # noqa: PLC0415
+
+        report_config_error(args.config, exc.problems)
         return exitcodes.CONFIG_ERROR
     from daemon.service import setup_logging  # noqa: PLC0415
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from daemon import exitcodes
 from tests.conftest import Broker, DaemonFactory
@@ -116,3 +119,27 @@ def test_corrupt_model_exits_with_the_no_restart_code(
     daemon = start_daemon({"model": {"path": str(bad)}}, wait_online=False)
     assert daemon.process.wait(60) == exitcodes.MODEL_UNAVAILABLE, daemon.log()
     assert "cannot load model" in daemon.log()
+
+
+def test_config_error_exits_78_and_says_why_on_the_broker(
+    broker: Broker, client: TestClient, prefix: str, tmp_path: Path
+) -> None:
+    client.subscribe(f"{prefix}/error")
+    client.subscribe(f"{prefix}/status")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        f"mqtt:\n  port: {broker.port}\n  topic_prefix: {prefix}\nqueue:\n  capasity: 3\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "run", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == exitcodes.CONFIG_ERROR
+    received = client.wait_for(lambda got: len(got) >= 2, timeout_s=10)
+    error = next(json.loads(r.payload) for r in received if r.topic.endswith("/error"))
+    assert "queue.capasity: unknown key (did you mean queue.capacity?)" in error["message"]
+    status = next(r for r in received if r.topic.endswith("/status"))
+    assert status.payload == b"offline"
