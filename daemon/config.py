@@ -77,6 +77,20 @@ def _log_level(value: str) -> str | None:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS to the broker; certificates are verified and never skipped."""
+
+    enabled: bool = _key(False, "connect with TLS (also on when any file below is set)")
+    ca_file: str | None = _key(None, "CA certificate(s) for the broker; null = the system's CAs")
+    cert_file: str | None = _key(None, "client certificate, for brokers that require one")
+    key_file: str | None = _key(None, "private key of the client certificate")
+
+    @property
+    def active(self) -> bool:
+        return self.enabled or any((self.ca_file, self.cert_file, self.key_file))
+
+
+@dataclass(frozen=True)
 class MqttConfig:
     """How kioskd reaches the broker and which topics it owns."""
 
@@ -106,6 +120,13 @@ class MqttConfig:
     username: str | None = _key(None, "MQTT user name; null = connect anonymously")
     password_file: str | None = _key(
         None, "file holding the MQTT password; null = $CREDENTIALS_DIRECTORY/mqtt-password if set"
+    )
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    max_message_bytes: int | None = _key(
+        None,
+        "largest message the broker accepts (mosquitto message_size_limit); null = learn it from "
+        "MQTT 5 CONNACK, else no limit",
+        _at_least(512),
     )
     reconnect_min_s: float = _key(1.0, "first reconnect delay after losing the broker", _positive)
     reconnect_max_s: float = _key(30.0, "longest reconnect delay (doubling backoff)", _positive)
@@ -160,6 +181,11 @@ class LimitsConfig:
 
     max_question_chars: int = _key(2000, "longest accepted question", _at_least(1))
     max_payload_bytes: int = _key(65536, "largest accepted request payload", _at_least(64))
+    max_requests_per_s: float | None = _key(
+        None,
+        "questions per second accepted from one sender (see docs/security.md); null = no limit",
+        _positive,
+    )
 
 
 @dataclass(frozen=True)
@@ -403,6 +429,12 @@ def _build_section(
             known = {f"{section}.{k}": None for k in fields}
             problems.append(f"{where(key_path)}: {key_path}: unknown key{_hint(key_path, known)}")
             continue
+        if dataclasses.is_dataclass(types[key]):  # a nested section such as mqtt.tls
+            if value is not None and not isinstance(value, Mapping):
+                problems.append(f"{where(key_path)}: {key_path}: must be a mapping of keys")
+                continue
+            kwargs[key] = _build_section(types[key], key_path, value or {}, where, problems)
+            continue
         problem = _check_value(types[key], value, fields[key].metadata.get("check"))
         if problem:
             problems.append(f"{where(key_path)}: {key_path}: {problem} (got {value!r})")
@@ -454,15 +486,21 @@ def _hint(key: str, known: Mapping[str, Any]) -> str:
 def describe() -> list[tuple[str, Any, str]]:
     """Every key as (path, default, doc), for docs and for checking the shipped YAML."""
     rows: list[tuple[str, Any, str]] = []
-    for section in dataclasses.fields(Config):
-        cls = get_type_hints(Config)[section.name]
+
+    def walk(cls: Any, prefix: str) -> None:
+        types = get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(types[f.name]):
+                walk(types[f.name], f"{prefix}{f.name}.")
+                continue
             default = (
                 f.default_factory()  # type: ignore[operator]
                 if f.default is dataclasses.MISSING
                 else f.default
             )
-            rows.append((f"{section.name}.{f.name}", default, f.metadata["doc"]))
+            rows.append((f"{prefix}{f.name}", default, f.metadata["doc"]))
+
+    walk(Config, "")
     return rows
 
 

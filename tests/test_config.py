@@ -46,10 +46,14 @@ def test_shipped_config_lists_every_key_with_its_default_and_a_comment() -> None
     raw = yaml.safe_load(SHIPPED.read_text())
     lines = SHIPPED.read_text().splitlines()
     for path, default, _doc in describe():
-        section, key = path.split(".")
-        assert key in raw[section], f"{path} missing from config/kioskd.yaml"
-        assert raw[section][key] == default or str(raw[section][key]) == str(default), path
-        index = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{key}:"))
+        *sections, key = path.split(".")
+        node = raw
+        for section in sections:
+            node = node[section]
+        assert key in node, f"{path} missing from config/kioskd.yaml"
+        assert node[key] == default or str(node[key]) == str(default), path
+        indent = "  " * len(sections)
+        index = next(i for i, line in enumerate(lines) if line.startswith(f"{indent}{key}:"))
         assert lines[index - 1].strip().startswith("#"), f"{path} has no comment above it"
     assert load(SHIPPED) == Config()
 
