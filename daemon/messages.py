@@ -12,6 +12,8 @@ from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# C0 controls (but tab, newline, carriage return), DEL and C1 controls: never part of a question.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 ID_RULE = "1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
 MAX_JSON_DEPTH = 32
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
@@ -181,6 +183,14 @@ def _question(text: str, max_chars: int, request_id: str | None) -> str:
         raise RequestError(
             ErrorCode.BAD_ENCODING, "question: contains an unpaired UTF-16 surrogate", request_id
         ) from exc
+    control = _CONTROL.search(question)
+    if control is not None:
+        raise RequestError(
+            ErrorCode.INVALID_REQUEST,
+            f"question: contains the control character U+{ord(control.group()):04X}; only "
+            "tab and line breaks are allowed",
+            request_id,
+        )
     return question
 
 
