@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger(__name__)
 
+# Outgoing messages paho may hold while disconnected: a few long answers' worth of chunks.
+_MAX_QUEUED_MESSAGES = 20000
+
 
 @dataclass(frozen=True)
 class Inbound:
@@ -31,6 +36,7 @@ class Inbound:
     payload: bytes
     response_topic: str | None = None
     correlation_data: bytes | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,8 @@ class Connection:
         reconnect_max_s: float = 30.0,
         username: str | None = None,
         password: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        on_problem: Callable[[str | None], None] | None = None,
     ) -> None:
         """`session_expiry_s=None` asks for a clean, throw-away session; else a persistent one."""
         self._host = host
@@ -88,15 +96,27 @@ class Connection:
         self._on_message = on_message
         self._on_connected = on_connected
         self._connected = threading.Event()
+        self._client_id = client_id
+        self._tls_context = tls_context
+        self._on_problem = on_problem
+        self.problem: str | None = None
+        self.max_packet_bytes: int | None = None
+        self._takeovers: list[float] = []
+        self._pending_subscriptions: dict[int, list[str]] = {}
         self._client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if self._mqtt5 else MQTTProtocolVersion.MQTTv311,
             clean_session=None if self._mqtt5 else not self._persistent,
         )
+        # Bounds what piles up while the broker is away (QoS 1 keeps the rest for the reconnect).
+        self._client.max_queued_messages_set(_MAX_QUEUED_MESSAGES)
         self._client.reconnect_delay_set(
             min_delay=max(1, round(reconnect_min_s)), max_delay=max(1, round(reconnect_max_s))
         )
+        if tls_context is not None:
+            # The context verifies the broker's certificate and host name; there is no opt-out.
+            self._client.tls_set_context(tls_context)
         if username is not None:
             self._client.username_pw_set(username, password)
         if will is not None:
@@ -104,6 +124,9 @@ class Connection:
         self._client.on_socket_open = self._handle_socket_open
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
+        self._client.on_connect_fail = self._handle_connect_fail
+        self._client.on_subscribe = self._handle_subscribe
+        self._client.on_publish = self._handle_publish
         self._client.on_message = self._handle_message
 
     @property
@@ -178,10 +201,13 @@ class Connection:
     ) -> None:
         try:
             if reason_code.is_failure:
-                log.error(
-                    "broker %s:%s refused the connection: %s", self._host, self._port, reason_code
+                self._set_problem(
+                    f"broker {self._host}:{self._port} refused the connection: "
+                    f"{reason_code} (check mqtt.username / the password)"
                 )
                 return
+            packet_limit = getattr(properties, "MaximumPacketSize", None) if properties else None
+            self.max_packet_bytes = int(packet_limit) if packet_limit else None
             log.info(
                 "connected to broker %s:%s (session present: %s)",
                 self._host,
@@ -190,8 +216,11 @@ class Connection:
             )
             if self._subscriptions:
                 # Resubscribe every time: a broker that lost our session has lost them too.
-                client.subscribe([(topic, 1) for topic in self._subscriptions])
+                _rc, mid = client.subscribe([(topic, 1) for topic in self._subscriptions])
+                if mid is not None:
+                    self._pending_subscriptions[mid] = list(self._subscriptions)
             self._connected.set()
+            self._set_problem(None)
             if self._on_connected is not None:
                 self._on_connected()
         except Exception:
@@ -208,10 +237,96 @@ class Connection:
         try:
             was_connected = self._connected.is_set()
             self._connected.clear()
-            if was_connected and reason_code != 0:
+            if reason_code == "Session taken over":
+                self._note_takeover()
+            elif was_connected and reason_code != 0:
                 log.warning("lost the broker (%s); reconnecting", reason_code)
         except Exception:
             log.exception("error in disconnect handler")
+
+    def _handle_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        try:
+            topics = self._pending_subscriptions.pop(mid, [])
+            for topic, code in zip(topics, reason_codes, strict=False):
+                if code.is_failure:
+                    # Typically an ACL: the kiosk would sit online and never hear a question.
+                    self._set_problem(
+                        f"broker refused the subscription to {topic}: {code} "
+                        "(check the broker's ACL for this user)"
+                    )
+        except Exception:
+            log.exception("error in subscribe handler")
+
+    def _handle_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        try:
+            if reason_code.is_failure:
+                # MQTT 5 brokers say so in the PUBACK when an ACL forbids the topic.
+                log.error(
+                    "broker refused a publish (mid %d): %s (check the broker's ACL)",
+                    mid,
+                    reason_code,
+                )
+        except Exception:
+            log.exception("error in publish handler")
+
+    def _handle_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        try:
+            # paho's retry loop swallows the reason; probe once to name it for the operator.
+            self._set_problem(self._diagnose())
+        except Exception:
+            log.exception("error in connect-fail handler")
+
+    def _diagnose(self) -> str:
+        where = f"{self._host}:{self._port}"
+        try:
+            with socket.create_connection((self._host, self._port), timeout=5) as sock:
+                if self._tls_context is not None:
+                    with self._tls_context.wrap_socket(sock, server_hostname=self._host):
+                        pass
+        except ssl.SSLCertVerificationError as exc:
+            return f"TLS: the certificate of broker {where} was rejected: {exc.verify_message}"
+        except ssl.SSLError as exc:
+            return f"TLS handshake with broker {where} failed: {exc.reason or exc}"
+        except OSError as exc:
+            return f"cannot reach broker {where}: {exc.strerror or exc}"
+        return f"connecting to broker {where} failed (TCP and TLS work; see the broker's log)"
+
+    def _note_takeover(self) -> None:
+        now = time.monotonic()
+        self._takeovers = [t for t in self._takeovers if now - t < 60] + [now]
+        if len(self._takeovers) >= 3:
+            self._set_problem(
+                f"another client keeps taking over client id {self._client_id!r} "
+                f"({len(self._takeovers)} times in 60 s); give each kiosk its own mqtt.client_id"
+            )
+        else:
+            log.warning(
+                "the broker handed our session (client id %r) to another client", self._client_id
+            )
+
+    def _set_problem(self, problem: str | None) -> None:
+        """Record the current connection problem; log and report each change once."""
+        if problem == self.problem:
+            return
+        self.problem = problem
+        if problem is not None:
+            log.error("%s; retrying with backoff", problem)
+        if self._on_problem is not None:
+            self._on_problem(problem)
 
     def _handle_message(
         self, client: paho.Client, userdata: Any, message: paho.MQTTMessage
@@ -220,8 +335,13 @@ class Connection:
             properties = getattr(message, "properties", None)
             response_topic = getattr(properties, "ResponseTopic", None) if properties else None
             correlation_data = getattr(properties, "CorrelationData", None) if properties else None
+            user_properties = getattr(properties, "UserProperty", None) if properties else None
             inbound = Inbound(
-                message.topic, bytes(message.payload), response_topic, correlation_data
+                message.topic,
+                bytes(message.payload),
+                response_topic,
+                correlation_data,
+                tuple(user_properties or ()),
             )
             if self._on_message is not None:
                 self._on_message(inbound)
