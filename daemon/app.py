@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import ssl
 import threading
 from enum import StrEnum
 from pathlib import Path
@@ -14,12 +15,13 @@ import yaml
 
 from daemon import __version__, exitcodes
 from daemon.broker import Connection, Delivery, Inbound, Will
-from daemon.config import Config, ConfigError, from_dict
+from daemon.config import Config, ConfigError, TlsConfig, from_dict
 from daemon.discovery import discovery_messages
 from daemon.engine import Engine, EngineSettings, ModelLoadError, TestHooks
 from daemon.messages import Error, ErrorCode, RequestError, parse_cancel, parse_request
 from daemon.models import resolve
 from daemon.monitor import Monitor, Snapshot
+from daemon.ratelimit import RateLimiter
 from daemon.scheduler import Job, Scheduler
 from daemon.service import Notifier, Watchdog, WorkerProgress
 from daemon.stream import ReplyStream
@@ -93,7 +95,11 @@ class App:
             reconnect_max_s=mqtt.reconnect_max_s,
             username=mqtt.username,
             password=config.mqtt_password(),
+            tls_context=tls_context(mqtt.tls),
+            on_problem=self._on_broker_problem,
         )
+        rate = config.limits.max_requests_per_s
+        self._rate_limiter = RateLimiter(rate) if rate is not None else None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -288,6 +294,21 @@ class App:
     def _announce_online(self) -> Delivery:
         return self.connection.publish(self.topics.status, b"online", retain=True)
 
+    def _on_broker_problem(self, problem: str | None) -> None:
+        self.notifier.status(self.status_line() if problem is None else f"broker: {problem}")
+
+    def _max_packet_bytes(self) -> int | None:
+        limits = [self.config.mqtt.max_message_bytes, self.connection.max_packet_bytes]
+        known = [limit for limit in limits if limit]
+        return min(known) if known else None
+
+    def _rate_limited(self, message: Inbound) -> float | None:
+        """Seconds the sender must wait, or None; see docs/security.md for who "sender" is."""
+        if self._rate_limiter is None:
+            return None
+        sender = dict(message.user_properties).get("client_id", "*")
+        return self._rate_limiter.allow(sender)
+
     def _on_connected(self) -> None:
         # A broker that restarted without persistence has lost our retained status.
         if self._lifecycle is State.READY:
@@ -350,6 +371,11 @@ class App:
             stream = self._stream(self.topics.answer(request.id), request.id, message)
             self.scheduler.reject(stream, error)
             return
+        wait_s = self._rate_limited(message)
+        if wait_s is not None:
+            topic = response_topic or self.topics.answer(request.id)
+            self.scheduler.reject_busy(self._stream(topic, request.id, message), wait_s)
+            return
         if self.scheduler.is_active(request.id):
             # Its P/answer/{id} belongs to the request already running: refuse on P/error so
             # that stream keeps exactly one terminal message.
@@ -384,7 +410,9 @@ class App:
         def publish(topic: str, payload: bytes, correlation_data: bytes | None) -> Delivery:
             return connection.publish(topic, payload, correlation_data=correlation_data)
 
-        return ReplyStream(publish, topic, request_id, message.correlation_data)
+        return ReplyStream(
+            publish, topic, request_id, message.correlation_data, self._max_packet_bytes
+        )
 
 
 def _round(value: float | None) -> float | None:
@@ -404,14 +432,18 @@ def report_config_error(config_path: Path, problems: list[str]) -> None:
     except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError):
         return  # without a valid broker address there is no one to tell
     topics = Topics(config.topic_prefix)
-    connection = Connection(
-        host=config.mqtt.host,
-        port=config.mqtt.port,
-        client_id=f"{config.client_id}-config-error",
-        protocol=config.mqtt.protocol,
-        username=config.mqtt.username,
-        password=config.mqtt_password(),
-    )
+    try:
+        connection = Connection(
+            host=config.mqtt.host,
+            port=config.mqtt.port,
+            client_id=f"{config.client_id}-config-error",
+            protocol=config.mqtt.protocol,
+            username=config.mqtt.username,
+            password=config.mqtt_password(),
+            tls_context=tls_context(config.mqtt.tls),
+        )
+    except ConfigError:
+        return
     connection.start()
     try:
         if not connection.wait_connected(_FLUSH_TIMEOUT_S):
@@ -422,3 +454,16 @@ def report_config_error(config_path: Path, problems: list[str]) -> None:
         connection.publish(topics.status, b"offline", retain=True).wait(_FLUSH_TIMEOUT_S)
     finally:
         connection.stop()
+
+
+def tls_context(tls: TlsConfig) -> ssl.SSLContext | None:
+    """A verifying client TLS context from mqtt.tls, or None for plain TCP."""
+    if not tls.active:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=tls.ca_file)
+        if tls.cert_file:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError([f"mqtt.tls: cannot load the certificates: {exc}"]) from exc
+    return context

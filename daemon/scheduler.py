@@ -192,6 +192,18 @@ class Scheduler:
             self.counters.errors += 1
         stream.send(Error(error.code, error.message))
 
+    def reject_busy(self, stream: ReplyStream, retry_after_s: float) -> None:
+        """Refuse a request from a sender over its rate limit."""
+        with self._cond:
+            self.counters.rejected += 1
+        stream.send(
+            Error(
+                ErrorCode.BUSY,
+                "too many questions from this sender; slow down",
+                retry_after_s=round(max(0.1, retry_after_s), 1),
+            )
+        )
+
     def is_active(self, request_id: str) -> bool:
         """Whether a request with this id is running or queued."""
         with self._cond:

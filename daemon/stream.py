@@ -7,11 +7,15 @@ import threading
 from collections.abc import Callable
 
 from daemon.broker import Delivery
-from daemon.messages import StreamMessage
+from daemon.messages import Chunk, Error, ErrorCode, StreamMessage
 
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes, bytes | None], Delivery]
+
+# Bytes of an MQTT PUBLISH besides topic, payload and correlation data: fixed header, lengths,
+# packet id and property headers, with room to spare.
+_PACKET_OVERHEAD_BYTES = 64
 
 
 class ReplyStream:
@@ -28,12 +32,14 @@ class ReplyStream:
         topic: str,
         request_id: str | None,
         correlation_data: bytes | None = None,
+        max_packet_bytes: Callable[[], int | None] = lambda: None,
     ) -> None:
         self._publish = publish
+        self._max_packet_bytes = max_packet_bytes
         self.topic = topic
         self.request_id = request_id
         self._correlation_data = correlation_data
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._seq = 0
         self._ended = False
         self.last_delivery: Delivery | None = None
@@ -43,13 +49,46 @@ class ReplyStream:
         return self._ended
 
     def send(self, message: StreamMessage) -> bool:
-        """Publish `message`; False (and nothing sent) when the stream has already ended."""
+        """Publish `message`; False (and nothing sent) when the stream has already ended.
+
+        A message bigger than the broker accepts would make it drop the connection, so a chunk
+        is split into smaller chunks, and a terminal message that cannot fit becomes an error.
+        """
         with self._lock:
             if self._ended:
                 log.debug("dropping %s for %s: stream already ended", message.type, self.request_id)
                 return False
+            limit = self._payload_limit()
             payload = message.to_payload(self.request_id, self._seq)
+            if limit is not None and len(payload) > limit:
+                if isinstance(message, Chunk) and len(message.text) > 1:
+                    half = len(message.text) // 2
+                    # Halves of a str never split a character; the lock is re-entrant.
+                    return self.send(Chunk(message.text[:half])) and self.send(
+                        Chunk(message.text[half:])
+                    )
+                log.error(
+                    "%s for %s is %d bytes, over the broker's limit of %d",
+                    message.type,
+                    self.request_id,
+                    len(payload),
+                    limit,
+                )
+                if message.terminal:
+                    message = Error(
+                        ErrorCode.INTERNAL,
+                        "the answer is larger than the broker's maximum message size; its text "
+                        "came in the chunks (raise message_size_limit or lower max_tokens)",
+                    )
+                    payload = message.to_payload(self.request_id, self._seq)
             self._seq += 1
             self._ended = message.terminal
             self.last_delivery = self._publish(self.topic, payload, self._correlation_data)
             return True
+
+    def _payload_limit(self) -> int | None:
+        packet_limit = self._max_packet_bytes()
+        if packet_limit is None:
+            return None
+        used = len(self.topic.encode("utf-8")) + len(self._correlation_data or b"")
+        return packet_limit - used - _PACKET_OVERHEAD_BYTES
