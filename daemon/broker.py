@@ -24,6 +24,11 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger(__name__)
 
+# A connection dropped this soon after it was made, this often in 60 s, is reported as another
+# client using our client id (the broker hands the session back and forth between us).
+_SHORT_CONNECTION_S = 5.0
+_TAKEOVERS_REPORTED = 3
+
 # Outgoing messages paho may hold while disconnected: a few long answers' worth of chunks.
 _MAX_QUEUED_MESSAGES = 20000
 
@@ -102,6 +107,7 @@ class Connection:
         self.problem: str | None = None
         self.max_packet_bytes: int | None = None
         self._takeovers: list[float] = []
+        self._connected_at = 0.0
         self._pending_subscriptions: dict[int, list[str]] = {}
         self._client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -220,7 +226,9 @@ class Connection:
                 if mid is not None:
                     self._pending_subscriptions[mid] = list(self._subscriptions)
             self._connected.set()
-            self._set_problem(None)
+            self._connected_at = time.monotonic()
+            if len(self._takeovers) < _TAKEOVERS_REPORTED:
+                self._set_problem(None)
             if self._on_connected is not None:
                 self._on_connected()
         except Exception:
@@ -237,9 +245,12 @@ class Connection:
         try:
             was_connected = self._connected.is_set()
             self._connected.clear()
-            if reason_code == "Session taken over":
+            # MQTT 5 brokers may say "Session taken over"; mosquitto 2.0 just closes the socket,
+            # so a connection that keeps dropping right after it was made counts too.
+            short_lived = time.monotonic() - self._connected_at < _SHORT_CONNECTION_S
+            if reason_code == "Session taken over" or (was_connected and short_lived):
                 self._note_takeover()
-            elif was_connected and reason_code != 0:
+            if was_connected and reason_code != 0:
                 log.warning("lost the broker (%s); reconnecting", reason_code)
         except Exception:
             log.exception("error in disconnect handler")
@@ -308,14 +319,11 @@ class Connection:
     def _note_takeover(self) -> None:
         now = time.monotonic()
         self._takeovers = [t for t in self._takeovers if now - t < 60] + [now]
-        if len(self._takeovers) >= 3:
+        if len(self._takeovers) >= _TAKEOVERS_REPORTED:
             self._set_problem(
-                f"another client keeps taking over client id {self._client_id!r} "
-                f"({len(self._takeovers)} times in 60 s); give each kiosk its own mqtt.client_id"
-            )
-        else:
-            log.warning(
-                "the broker handed our session (client id %r) to another client", self._client_id
+                f"the broker dropped us {len(self._takeovers)} times in 60 s right after "
+                f"connecting: most likely another client uses client id {self._client_id!r}; "
+                "give each kiosk its own mqtt.client_id"
             )
 
     def _set_problem(self, problem: str | None) -> None:

@@ -48,6 +48,7 @@ class Broker:
     port: int
     workdir: Path
     process: subprocess.Popen[bytes] | None = None
+    extra_config: str = ""
 
     def start(self) -> None:
         conf = self.workdir / "mosquitto.conf"
@@ -57,7 +58,7 @@ class Broker:
             "persistence false\n"
             "set_tcp_nodelay true\n"
             # stderr, not a file: started as root, mosquitto drops to its own user.
-            "log_dest stderr\n"
+            "log_dest stderr\n" + self.extra_config
         )
         with (self.workdir / "mosquitto.log").open("ab") as log:
             self.process = subprocess.Popen(

@@ -79,14 +79,17 @@ class TestClient:
         *,
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
+        user_properties: list[tuple[str, str]] | None = None,
         qos: int = 1,
         retain: bool = False,
     ) -> None:
         if isinstance(payload, dict):
             payload = json.dumps(payload)
         properties = None
-        if response_topic is not None or correlation_data is not None:
+        if response_topic is not None or correlation_data is not None or user_properties:
             properties = Properties(PacketTypes.PUBLISH)
+            if user_properties:
+                properties.UserProperty = user_properties
             if response_topic is not None:
                 properties.ResponseTopic = response_topic
             if correlation_data is not None:

@@ -143,3 +143,28 @@ def test_config_error_exits_78_and_says_why_on_the_broker(
     assert "queue.capasity: unknown key (did you mean queue.capacity?)" in error["message"]
     status = next(r for r in received if r.topic.endswith("/status"))
     assert status.payload == b"offline"
+
+
+def test_duplicate_client_id_is_detected_and_reported(
+    start_daemon: DaemonFactory, prefix: str
+) -> None:
+    shared = {
+        "mqtt": {
+            "client_id": f"{prefix.replace('/', '-')}-same",
+            "reconnect_min_s": 1,
+            "reconnect_max_s": 1,
+        }
+    }
+    first = start_daemon(shared, name="first")
+    second = start_daemon(
+        {**shared, "mqtt": {**shared["mqtt"], "topic_prefix": f"{prefix}-b"}},
+        name="second",
+        wait_online=False,
+    )
+    deadline = time.monotonic() + 45
+    reported = "most likely another client uses client id"
+    while time.monotonic() < deadline and reported not in first.log() + second.log():
+        time.sleep(0.5)
+    assert reported in first.log() + second.log()
+    assert first.process.poll() is None
+    assert second.process.poll() is None

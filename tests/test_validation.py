@@ -100,6 +100,20 @@ MALFORMED: list[tuple[str, bytes, ErrorCode, str | None]] = [
         None,
     ),
     ("empty payload", b"", ErrorCode.INVALID_REQUEST, None),
+    ("null byte", b'{"id": "m27", "question": "a\\u0000b"}', ErrorCode.INVALID_REQUEST, "m27"),
+    (
+        "escape sequence",
+        b'{"id": "m28", "question": "\\u001b[2Jhi"}',
+        ErrorCode.INVALID_REQUEST,
+        "m28",
+    ),
+    ("raw NUL in text", b"what\x00is this", ErrorCode.INVALID_REQUEST, None),
+    (
+        "C1 control",
+        '{"id": "m30", "question": "a\u0085b"}'.encode(),
+        ErrorCode.INVALID_REQUEST,
+        "m30",
+    ),
 ]
 
 
@@ -122,6 +136,11 @@ def test_parser_accepts_and_clamps_nothing_itself() -> None:
     )
     assert (request.id, request.question, request.max_tokens) == ("ok.1_-", "hi", 9999)
     assert (request.temperature, request.deadline_s) == (0.0, 3.0)
+
+
+def test_tabs_and_line_breaks_are_fine() -> None:
+    question = parse_request(b'{"question": "line 1\\n\\tline 2\\r\\n"}', **LIMITS).question
+    assert question == "line 1\n\tline 2"
 
 
 def test_parse_cancel() -> None:
