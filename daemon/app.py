@@ -58,7 +58,11 @@ class App:
         self._engine: Engine | None = None
         self._model_name: str | None = None
         self._throttled = False
-        self.scheduler = Scheduler(capacity=config.queue.capacity)
+        self.scheduler = Scheduler(
+            capacity=config.queue.capacity,
+            flush_ms=config.stream.flush_ms,
+            max_chunk_chars=config.stream.max_chunk_chars,
+        )
         self.notifier = Notifier()
         self.watchdog = Watchdog(
             self.notifier, stall_s=config.watchdog.stall_s, progress=self._worker_progress

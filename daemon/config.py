@@ -202,6 +202,18 @@ def _command(value: list[str] | None) -> str | None:
 
 
 @dataclass(frozen=True)
+class StreamConfig:
+    """How answer text is cut into chunk messages."""
+
+    flush_ms: float = _key(
+        0.0, "gather text for this long per chunk (0 = every token at once)", _between(0, 5000)
+    )
+    max_chunk_chars: int | None = _key(
+        None, "longest chunk text in characters; null = no limit", _at_least(1)
+    )
+
+
+@dataclass(frozen=True)
 class TelemetryConfig:
     """Health publishing and where the hardware readings come from."""
 
@@ -262,6 +274,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     thermal: ThermalConfig = field(default_factory=ThermalConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from daemon.messages import (
-    Chunk,
     Done,
     Error,
     ErrorCode,
@@ -22,7 +21,7 @@ from daemon.messages import (
     Timing,
     Usage,
 )
-from daemon.stream import ReplyStream
+from daemon.stream import ChunkBuffer, ReplyStream
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,11 @@ class Counters:
 class Scheduler:
     """Runs one generation at a time; every accepted job gets exactly one terminal message."""
 
-    def __init__(self, *, capacity: int) -> None:
+    def __init__(
+        self, *, capacity: int, flush_ms: float = 0.0, max_chunk_chars: int | None = None
+    ) -> None:
+        self._flush_ms = flush_ms
+        self._max_chunk_chars = max_chunk_chars
         self._generator: Generator | None = None
         self._capacity = capacity
         self._cond = threading.Condition()
@@ -292,8 +295,7 @@ class Scheduler:
         started = time.monotonic()
         self.last_progress_monotonic = started
 
-        def on_text(text: str) -> None:
-            job.stream.send(Chunk(text))
+        chunks = ChunkBuffer(job.stream, flush_ms=self._flush_ms, max_chars=self._max_chunk_chars)
 
         def should_stop() -> bool:
             self.last_progress_monotonic = time.monotonic()
@@ -310,7 +312,7 @@ class Scheduler:
                 request.question,
                 max_tokens=request.max_tokens,
                 temperature=request.temperature,
-                on_text=on_text,
+                on_text=chunks.add,
                 should_stop=should_stop,
             )
         except RequestError as exc:
@@ -320,11 +322,13 @@ class Scheduler:
             return
         except Exception as exc:
             log.exception("generation failed for %s", request.id)
+            chunks.flush()  # the text so far, before the error that ends the stream
             with self._cond:
                 self.counters.errors += 1
             job.stream.send(Error(ErrorCode.MODEL_ERROR, f"the model failed: {exc}"))
             return
 
+        chunks.flush()
         if result.stopped and not job.cancelled.is_set():
             with self._cond:
                 self.counters.errors += 1

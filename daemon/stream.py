@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from daemon.broker import Delivery
@@ -92,3 +93,43 @@ class ReplyStream:
             return None
         used = len(self.topic.encode("utf-8")) + len(self._correlation_data or b"")
         return packet_limit - used - _PACKET_OVERHEAD_BYTES
+
+
+class ChunkBuffer:
+    """Turns token texts into `chunk` messages: each at once, or gathered for slow links.
+
+    With flush_ms 0 every token's text goes out as it comes (the first chunk never waits).
+    Otherwise text is gathered until flush_ms has passed since the first unsent piece (checked
+    as tokens arrive) or max_chars are waiting; `flush()` sends the rest before the terminal
+    message, so the chunks still add up to done.text.
+    """
+
+    def __init__(self, stream: ReplyStream, *, flush_ms: float, max_chars: int | None) -> None:
+        self._stream = stream
+        self._flush_s = flush_ms / 1000
+        self._max_chars = max_chars
+        self._pending: list[str] = []
+        self._pending_chars = 0
+        self._first_pending = 0.0
+
+    def add(self, text: str) -> None:
+        if not self._pending:
+            self._first_pending = time.monotonic()
+        self._pending.append(text)
+        self._pending_chars += len(text)
+        if (
+            self._flush_s == 0
+            or time.monotonic() - self._first_pending >= self._flush_s
+            or (self._max_chars is not None and self._pending_chars >= self._max_chars)
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        self._pending.clear()
+        self._pending_chars = 0
+        step = self._max_chars or len(text)
+        for start in range(0, len(text), step):
+            self._stream.send(Chunk(text[start : start + step]))

@@ -11,7 +11,7 @@ import pytest
 from daemon.broker import Delivery
 from daemon.messages import Chunk, Done, Timing, Usage
 from daemon.ratelimit import RateLimiter
-from daemon.stream import ReplyStream
+from daemon.stream import ChunkBuffer, ReplyStream
 from tests.conftest import Broker, DaemonFactory, free_port
 from tests.mqtt_client import TestClient, assert_well_formed
 
@@ -135,3 +135,35 @@ def test_rate_limit_per_sender_over_mqtt(start_daemon: DaemonFactory, client: Te
     assert 0 < limited["retry_after_s"] <= 2
     assert assert_well_formed(client.stream(daemon.topic("answer/a1")), "a1")["type"] == "done"
     assert assert_well_formed(client.stream(daemon.topic("answer/b1")), "b1")["type"] == "done"
+
+
+def test_chunk_buffer_gathers_for_flush_ms_and_caps_length() -> None:
+    recorder = Recorder()
+    buffer = ChunkBuffer(ReplyStream(recorder, "k/answer/d", "d"), flush_ms=10_000, max_chars=5)
+    for piece in ("ab", "c", "defgh", "i"):
+        buffer.add(piece)
+    buffer.flush()
+    texts = [str(m["text"]) for m in recorder.sent]
+    assert "".join(texts) == "abcdefghi"
+    assert all(len(text) <= 5 for text in texts)
+    assert texts[0] == "abcde", "nothing went out before 5 characters were waiting"
+    immediate = Recorder()
+    at_once = ChunkBuffer(ReplyStream(immediate, "k/answer/e", "e"), flush_ms=0, max_chars=None)
+    at_once.add("x")
+    assert len(immediate.sent) == 1, "flush_ms 0 sends each piece as it comes"
+
+
+def test_flush_ms_over_mqtt_sends_fewer_chunks(
+    start_daemon: DaemonFactory, client: TestClient
+) -> None:
+    daemon = start_daemon(
+        {"stream": {"flush_ms": 200, "max_chunk_chars": 40}},
+        env={"KIOSKD_TEST_IGNORE_EOS": "1", "KIOSKD_TEST_TOKEN_DELAY_MS": "20"},
+    )
+    client.subscribe(daemon.topic("answer/few"))
+    client.publish(daemon.topic("ask"), {"id": "few", "question": "x", "max_tokens": 60})
+    messages = client.stream(daemon.topic("answer/few"))
+    done = assert_well_formed(messages, "few")
+    chunks = [m for m in messages if m["type"] == "chunk"]
+    assert len(chunks) < done["usage"]["completion_tokens"] / 3
+    assert all(len(m["text"]) <= 40 for m in chunks)
