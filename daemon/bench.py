@@ -194,6 +194,25 @@ def _kioskd_sample(port: int, tokens: int, prefix: str = "bench/kiosk") -> Sampl
     )
 
 
+def _idle_cpu_percent(process: psutil.Process, idle_s: float) -> float | None:
+    """CPU the idle daemon uses (all its threads), as a percent of one core."""
+    if idle_s <= 0:
+        return None
+    before = process.cpu_times()
+    time.sleep(idle_s)
+    after = process.cpu_times()
+    used_s = (after.user - before.user) + (after.system - before.system)
+    return round(100 * used_s / idle_s, 3)
+
+
+def _rss_budget_mb(engine: Engine, model: Path) -> float | None:
+    """Model file + KV cache + 100 MB: what kioskd's RSS should stay under (issue 6)."""
+    kv_bytes = engine.kv_cache_bytes()
+    if kv_bytes is None:
+        return None
+    return round((model.stat().st_size + kv_bytes) / 2**20 + 100, 1)
+
+
 def _percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
@@ -227,7 +246,13 @@ def summarize(samples: list[Sample], lengths: list[int]) -> dict[str, Any]:
 
 
 def run_bench(
-    *, reps: int, lengths: list[int], threads: int | None, model: str | None, out_dir: Path
+    *,
+    reps: int,
+    lengths: list[int],
+    threads: int | None,
+    model: str | None,
+    out_dir: Path,
+    idle_s: float = 60.0,
 ) -> dict[str, Any]:
     resolved = resolve(model).path
     thread_count = threads or default_threads()
@@ -264,7 +289,10 @@ def run_bench(
                             file=sys.stderr,
                             flush=True,
                         )
-            daemon_rss_mb = psutil.Process(daemon.pid).memory_info().rss / 2**20
+            process = psutil.Process(daemon.pid)
+            daemon_rss_mb = process.memory_info().rss / 2**20
+            idle_percent = _idle_cpu_percent(process, idle_s)
+    rss_budget_mb = _rss_budget_mb(engine, resolved)
     engine.close()
     result = {
         "command": "kioskd bench " + " ".join(sys.argv[2:]),
@@ -273,6 +301,9 @@ def run_bench(
         "reps": reps,
         "machine": {"cpu_count": os.cpu_count(), "llama_cpp_python": llama_cpp.__version__},
         "kioskd_rss_mb": round(daemon_rss_mb, 1),
+        "rss_budget_mb": rss_budget_mb,
+        "kioskd_idle_cpu_percent_of_one_core": idle_percent,
+        "idle_s": idle_s,
         "summary": summarize(samples, lengths),
         "samples": [asdict(s) for s in samples],
     }

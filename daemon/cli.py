@@ -70,6 +70,19 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", help="GGUF file (default: as kioskd resolves it)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output dir")
     bench.add_argument(
+        "--idle-s", type=float, default=60.0, help="then measure idle CPU for this long"
+    )
+    bench.add_argument(
+        "--prompt-reuse",
+        action="store_true",
+        help="instead: time to first token with and without the system prompt's KV cache",
+    )
+    bench.add_argument(
+        "--threads-sweep",
+        action="store_true",
+        help="instead: decode and prefill speed at 1..N threads, with recommended settings",
+    )
+    bench.add_argument(
         "--telemetry-overhead",
         action="store_true",
         help="instead: decode speed with health every 1 s against telemetry off",
@@ -279,6 +292,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     _setup_logging("WARNING")
     lengths = [int(n) for n in args.tokens.split(",")]
+    if args.prompt_reuse or args.threads_sweep:
+        return _bench_model(args)
     if args.telemetry_overhead:
         from daemon.bench import run_telemetry_bench  # noqa: PLC0415
 
@@ -298,11 +313,17 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"full results: {args.out / 'bench-telemetry.json'}")
         return exitcodes.OK
     result = run_bench(
-        reps=args.reps, lengths=lengths, threads=args.threads, model=args.model, out_dir=args.out
+        reps=args.reps,
+        lengths=lengths,
+        threads=args.threads,
+        model=args.model,
+        out_dir=args.out,
+        idle_s=args.idle_s,
     )
     print(
         f"model {result['model']}, {result['threads']} threads, {result['reps']} reps; "
-        f"kioskd RSS {result['kioskd_rss_mb']} MB"
+        f"kioskd RSS {result['kioskd_rss_mb']} MB (budget {result['rss_budget_mb']} MB), idle "
+        f"CPU {result['kioskd_idle_cpu_percent_of_one_core']} % of a core"
     )
     print(
         f"{'tokens':>6} {'raw tok/s':>10} {'kioskd tok/s':>13} {'ratio':>7} {'paired':>7} "
@@ -316,6 +337,40 @@ def _bench(args: argparse.Namespace) -> int:
             f"{row['first_chunk_overhead_ms_median']:>13} / {row['first_chunk_overhead_ms_p99']}"
         )
     print(f"full results: {args.out / 'bench.json'}")
+    return exitcodes.OK
+
+
+def _bench_model(args: argparse.Namespace) -> int:
+    from daemon.bench_model import run_prompt_reuse, run_threads_sweep  # noqa: PLC0415
+    from daemon.config import default_threads  # noqa: PLC0415
+    from daemon.models import resolve  # noqa: PLC0415
+
+    model = resolve(args.model).path
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.prompt_reuse:
+        reuse = run_prompt_reuse(
+            reps=args.reps, threads=args.threads or default_threads(), model=model
+        )
+        (args.out / "bench-prompt-reuse.json").write_text(json.dumps(reuse, indent=2))
+        print(
+            f"system prompt {reuse['system_prompt_tokens']} tokens: first token "
+            f"{reuse['first_token_ms_with_reuse_median']} ms with reuse, "
+            f"{reuse['first_token_ms_without_reuse_median']} ms without "
+            f"(-{reuse['reduction_percent']} %)"
+        )
+    if args.threads_sweep:
+        sweep = run_threads_sweep(reps=args.reps, model=model, max_threads=args.threads)
+        (args.out / "bench-threads.json").write_text(json.dumps(sweep, indent=2))
+        for row in sweep["rows"]:
+            print(
+                f"{row['threads']:>2} threads: prefill {row['prefill_tokens_per_s']:>8} tok/s, "
+                f"decode {row['decode_tokens_per_s']:>6} tok/s"
+            )
+        picks = sweep["recommended"]
+        print(
+            f"recommended: model.threads: {picks['model.threads']}, "
+            f"model.threads_batch: {picks['model.threads_batch']}"
+        )
     return exitcodes.OK
 
 

@@ -132,6 +132,28 @@ class Engine:
             )
             self._threads = threads
 
+    def kv_cache_bytes(self) -> int | None:
+        """Size of the f16 KV cache for the whole context, from the GGUF's metadata."""
+        meta = self._llama.metadata
+        arch = meta.get("general.architecture", "")
+        try:
+            layers = int(meta[f"{arch}.block_count"])
+            heads = int(meta[f"{arch}.attention.head_count"])
+            kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+            head_dim = int(meta[f"{arch}.embedding_length"]) // heads
+            key_dim = int(meta.get(f"{arch}.attention.key_length", head_dim))
+            value_dim = int(meta.get(f"{arch}.attention.value_length", head_dim))
+        except (KeyError, ValueError):
+            return None
+        return self.settings.ctx * layers * kv_heads * (key_dim + value_dim) * 2
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def forget_prompt_cache(self) -> None:
+        """Drop the cached prompt prefix, so the next prompt is evaluated in full."""
+        self._llama.reset()  # type: ignore[no-untyped-call]
+
     def warm_up(self) -> Generation:
         """Run a short generation so the first real question does not pay for cold caches."""
         return self.generate(
