@@ -8,6 +8,7 @@ on a free loopback port; the raw loop runs in this process. End-of-turn is ignor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -160,7 +161,9 @@ def _raw_sample(engine: Engine, tokens: int) -> Sample:
     return Sample("raw", count, (count - 1) / (end - first), first_ms, first_ms, None)
 
 
-def _kioskd_sample(port: int, tokens: int, prefix: str = "bench/kiosk") -> Sample:
+def _kioskd_sample(
+    port: int, tokens: int, prefix: str = "bench/kiosk", system: str = "kioskd"
+) -> Sample:
     answer: Answer = ask(
         QUESTION,
         host="127.0.0.1",
@@ -183,10 +186,12 @@ def _kioskd_sample(port: int, tokens: int, prefix: str = "bench/kiosk") -> Sampl
     decode = (completion - 1) / (chunk_arrivals[-1] - chunk_arrivals[0])
     client_first_ms = (answer.first_chunk_monotonic - answer.sent_monotonic) * 1000
     timing = final["timing"]
+    if timing["first_token_ms"] is None:  # the bridge cannot see the model's own timing
+        return Sample(system, tokens, decode, client_first_ms, client_first_ms, None)
     model_first_ms = float(timing["first_token_ms"]) - float(timing["queued_ms"])
     return Sample(
-        "kioskd",
-        completion,
+        system,
+        tokens,
         decode,
         client_first_ms,
         model_first_ms,
@@ -242,6 +247,17 @@ def summarize(samples: list[Sample], lengths: list[int]) -> dict[str, Any]:
             "first_chunk_overhead_ms_max": round(max(overheads), 2),
             "first_chunk_overhead_ms_p99": round(_percentile(overheads, 0.99), 2),
         }
+        server = [s for s in samples if s.system == "server" and s.tokens == length]
+        if server:
+            server_tps = statistics.median(s.decode_tokens_per_s for s in server)
+            summary[str(length)] |= {
+                "server_decode_tokens_per_s": round(server_tps, 2),
+                "ratio_server_over_raw": round(server_tps / raw_tps, 4),
+                "ratio_kioskd_over_server": round(daemon_tps / server_tps, 4),
+                "server_first_chunk_ms": round(
+                    statistics.median(s.first_token_ms for s in server), 1
+                ),
+            }
     return summary
 
 
@@ -253,6 +269,7 @@ def run_bench(
     model: str | None,
     out_dir: Path,
     idle_s: float = 60.0,
+    vs_server: bool = False,
 ) -> dict[str, Any]:
     resolved = resolve(model).path
     thread_count = threads or default_threads()
@@ -268,19 +285,29 @@ def run_bench(
         with (
             _mosquitto(workdir) as port,
             _daemon(workdir, port, resolved, thread_count, max(lengths)) as daemon,
+            contextlib.ExitStack() as extra,
         ):
-            _raw_sample(engine, 8)  # warm both sides before measuring
+            systems = ["raw", "kioskd"]
+            _raw_sample(engine, 8)  # warm every side before measuring
             _kioskd_sample(port, 8)
+            if vs_server:
+                from daemon.bench_server import BRIDGE_PREFIX, Bridge, llama_server  # noqa: PLC0415
+
+                server_port = extra.enter_context(llama_server(workdir, resolved, thread_count))
+                extra.enter_context(Bridge(mqtt_port=port, server_port=server_port, engine=engine))
+                _kioskd_sample(port, 8, BRIDGE_PREFIX, "server")
+                systems.append("server")
             for rep in range(reps):
                 for length in lengths:
-                    # Alternate which goes first, so neither always follows the other.
-                    order = ("raw", "kioskd") if rep % 2 == 0 else ("kioskd", "raw")
+                    # Rotate the order, so no system always follows the same other one.
+                    order = systems[rep % len(systems) :] + systems[: rep % len(systems)]
                     for system in order:
-                        sample = (
-                            _raw_sample(engine, length)
-                            if system == "raw"
-                            else _kioskd_sample(port, length)
-                        )
+                        if system == "raw":
+                            sample = _raw_sample(engine, length)
+                        elif system == "kioskd":
+                            sample = _kioskd_sample(port, length)
+                        else:
+                            sample = _kioskd_sample(port, length, BRIDGE_PREFIX, "server")
                         samples.append(sample)
                         print(
                             f"rep {rep + 1}/{reps} {system:6} {length:4} tokens: "

@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", help="GGUF file (default: as kioskd resolves it)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output dir")
     bench.add_argument(
+        "--vs-server",
+        action="store_true",
+        help="also measure llama_cpp.server + an MQTT bridge (needs llama-cpp-python[server])",
+    )
+    bench.add_argument(
         "--idle-s", type=float, default=60.0, help="then measure idle CPU for this long"
     )
     bench.add_argument(
@@ -319,6 +324,7 @@ def _bench(args: argparse.Namespace) -> int:
         model=args.model,
         out_dir=args.out,
         idle_s=args.idle_s,
+        vs_server=args.vs_server,
     )
     print(
         f"model {result['model']}, {result['threads']} threads, {result['reps']} reps; "
@@ -336,6 +342,14 @@ def _bench(args: argparse.Namespace) -> int:
             f"{row['ratio_median_of_pairs']:>7} "
             f"{row['first_chunk_overhead_ms_median']:>13} / {row['first_chunk_overhead_ms_p99']}"
         )
+    for length, row in result["summary"].items():
+        if "server_decode_tokens_per_s" in row:
+            print(
+                f"{length:>6} llama_cpp.server + bridge: {row['server_decode_tokens_per_s']} "
+                f"tok/s, first chunk {row['server_first_chunk_ms']} ms (kioskd "
+                f"{row['kioskd_first_chunk_ms']} ms); kioskd/server "
+                f"{row['ratio_kioskd_over_server']}"
+            )
     print(f"full results: {args.out / 'bench.json'}")
     return exitcodes.OK
 

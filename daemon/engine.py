@@ -164,6 +164,11 @@ class Engine:
             should_stop=lambda: False,
         )
 
+    def prompt_text(self, question: str) -> str:
+        """The whole rendered prompt as text (for tools that take text, like the benchmark)."""
+        parts = self._prompts.build(question)
+        return parts.before + parts.question + parts.after
+
     def prompt_tokens(self, question: str) -> list[int]:
         parts = self._prompts.build(question)
         llama = self._llama
