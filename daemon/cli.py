@@ -350,6 +350,12 @@ def _bench(args: argparse.Namespace) -> int:
                 f"{row['kioskd_first_chunk_ms']} ms); kioskd/server "
                 f"{row['ratio_kioskd_over_server']}"
             )
+    try:
+        from daemon.bench_chart import render  # noqa: PLC0415
+
+        print(f"chart: {render(result, args.out / 'bench.png')}")
+    except ImportError:
+        print("no chart: install the bench extra (pip install -e '.[bench]') for matplotlib")
     print(f"full results: {args.out / 'bench.json'}")
     return exitcodes.OK
 
