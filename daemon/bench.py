@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +30,7 @@ import yaml
 from daemon.asker import Answer, ask
 from daemon.config import default_threads
 from daemon.engine import Engine, EngineSettings, TestHooks
+from daemon.localbroker import LocalBroker, free_port
 from daemon.models import resolve
 
 QUESTION = "Explain briefly how a factory conveyor belt works."
@@ -46,42 +45,6 @@ class Sample:
     first_token_ms: float  # raw: prompt + first token; kioskd: as seen by the client
     model_first_token_ms: float  # the model's own time to the first token
     first_chunk_overhead_ms: float | None  # kioskd only: client first chunk - model first token
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_listening(port: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"mosquitto did not start on port {port}")
-
-
-@contextmanager
-def _mosquitto(workdir: Path) -> Iterator[int]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = _free_port()
-    conf = workdir / "mosquitto.conf"
-    # set_tcp_nodelay: without it mosquitto's own sends can wait ~40 ms for a delayed ACK.
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "set_tcp_nodelay true\n"
-    )
-    process = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
-    try:
-        _wait_listening(port)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @contextmanager
@@ -283,10 +246,11 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="kioskd-bench-") as tmp:
         workdir = Path(tmp)
         with (
-            _mosquitto(workdir) as port,
-            _daemon(workdir, port, resolved, thread_count, max(lengths)) as daemon,
+            LocalBroker(free_port(), workdir) as broker,
+            _daemon(workdir, broker.port, resolved, thread_count, max(lengths)) as daemon,
             contextlib.ExitStack() as extra,
         ):
+            port = broker.port
             systems = ["raw", "kioskd"]
             _raw_sample(engine, 8)  # warm every side before measuring
             _kioskd_sample(port, 8)
@@ -350,13 +314,19 @@ def run_telemetry_bench(
     with tempfile.TemporaryDirectory(prefix="kioskd-bench-") as tmp:
         workdir = Path(tmp)
         with (
-            _mosquitto(workdir) as port,
+            LocalBroker(free_port(), workdir) as broker,
             _daemon(
-                workdir, port, resolved, thread_count, tokens, prefix=fast, telemetry_interval_s=1.0
+                workdir,
+                broker.port,
+                resolved,
+                thread_count,
+                tokens,
+                prefix=fast,
+                telemetry_interval_s=1.0,
             ),
             _daemon(
                 workdir,
-                port,
+                broker.port,
                 resolved,
                 thread_count,
                 tokens,
@@ -364,6 +334,7 @@ def run_telemetry_bench(
                 telemetry_interval_s=86400.0,
             ),
         ):
+            port = broker.port
             for rep in range(reps):
                 for prefix in (fast, off) if rep % 2 == 0 else (off, fast):
                     sample = _kioskd_sample(port, tokens, prefix)

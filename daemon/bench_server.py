@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -21,21 +20,16 @@ from pathlib import Path
 
 from daemon.broker import Connection, Inbound
 from daemon.engine import Engine
+from daemon.localbroker import free_port
 from daemon.topics import Topics
 
 BRIDGE_PREFIX = "bench/bridge"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def llama_server(workdir: Path, model: Path, threads: int) -> Iterator[int]:
     """`python -m llama_cpp.server` on a free loopback port, same model and threads."""
-    port = _free_port()
+    port = free_port()
     log = (workdir / "llama-server.log").open("wb")
     process = subprocess.Popen(
         [

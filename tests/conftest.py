@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,59 +15,15 @@ from typing import Any
 import pytest
 import yaml
 
+from daemon.localbroker import MOSQUITTO, LocalBroker, free_port, wait_listening
 from tests.mqtt_client import TestClient
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 REPO = Path(__file__).resolve().parent.parent
+__all__ = ["MOSQUITTO", "REPO", "Broker", "free_port", "wait_listening"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_listening(port: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port}")
-
-
-@dataclass
-class Broker:
-    """A mosquitto process with a temporary config; can be stopped and started again."""
-
-    port: int
-    workdir: Path
-    process: subprocess.Popen[bytes] | None = None
-    extra_config: str = ""
-
-    def start(self) -> None:
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
-            "set_tcp_nodelay true\n"
-            # stderr, not a file: started as root, mosquitto drops to its own user.
-            "log_dest stderr\n" + self.extra_config
-        )
-        with (self.workdir / "mosquitto.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [MOSQUITTO, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
-            )
-        wait_listening(self.port)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-        self.process = None
+# The test suite starts mosquitto the same way as the benchmarks.
+Broker = LocalBroker
 
 
 @pytest.fixture(scope="session")
