@@ -18,16 +18,15 @@ from daemon.broker import Connection, Delivery, Inbound, Will
 from daemon.config import Config, ConfigError, TlsConfig, from_dict
 from daemon.discovery import discovery_messages
 from daemon.engine import Engine, EngineSettings, ModelLoadError, TestHooks
-from daemon.messages import Error, ErrorCode, RequestError, parse_cancel, parse_request
+from daemon.intake import Intake
+from daemon.messages import Error, ErrorCode, parse_cancel
 from daemon.models import resolve
 from daemon.monitor import Monitor, Snapshot
-from daemon.ratelimit import RateLimiter
-from daemon.scheduler import Job, Scheduler
+from daemon.scheduler import Scheduler
 from daemon.service import Notifier, Watchdog, WorkerProgress
-from daemon.stream import ReplyStream
 from daemon.telemetry import TelemetryReader
 from daemon.thermal import ThermalDecision, ThermalGovernor
-from daemon.topics import Topics, homeassistant_status, is_allowed_reply_topic
+from daemon.topics import Topics, homeassistant_status
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +101,7 @@ class App:
             tls_context=tls_context(mqtt.tls),
             on_problem=self._on_broker_problem,
         )
-        rate = config.limits.max_requests_per_s
-        self._rate_limiter = RateLimiter(rate) if rate is not None else None
+        self.intake = Intake(config, self.topics, self.scheduler, self.connection)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -301,18 +299,6 @@ class App:
     def _on_broker_problem(self, problem: str | None) -> None:
         self.notifier.status(self.status_line() if problem is None else f"broker: {problem}")
 
-    def _max_packet_bytes(self) -> int | None:
-        limits = [self.config.mqtt.max_message_bytes, self.connection.max_packet_bytes]
-        known = [limit for limit in limits if limit]
-        return min(known) if known else None
-
-    def _rate_limited(self, message: Inbound) -> float | None:
-        """Seconds the sender must wait, or None; see docs/security.md for who "sender" is."""
-        if self._rate_limiter is None:
-            return None
-        sender = dict(message.user_properties).get("client_id", "*")
-        return self._rate_limiter.allow(sender)
-
     def _on_connected(self) -> None:
         # A broker that restarted without persistence has lost our retained status.
         if self._lifecycle is State.READY:
@@ -322,7 +308,7 @@ class App:
 
     def _on_message(self, message: Inbound) -> None:
         if message.topic == self.topics.ask:
-            self._intake(message)
+            self.intake.handle(message)
         elif message.topic == self._ha_status and self.config.homeassistant.enabled:
             if message.payload.strip() == b"online":
                 log.info("Home Assistant restarted; sending discovery again")
@@ -337,86 +323,6 @@ class App:
                     request_id,
                     extra={"request_id": request_id},
                 )
-
-    def _intake(self, message: Inbound) -> None:
-        limits = self.config.limits
-        response_topic = message.response_topic
-        forbidden = response_topic is not None and not is_allowed_reply_topic(
-            response_topic, self.config.reply_prefixes
-        )
-        try:
-            request = parse_request(
-                message.payload,
-                max_payload_bytes=limits.max_payload_bytes,
-                max_question_chars=limits.max_question_chars,
-            )
-        except RequestError as exc:
-            log.info(
-                "rejected a request (%s): %s",
-                exc.code,
-                exc.message,
-                extra={"request_id": exc.request_id, "code": str(exc.code)},
-            )
-            self.scheduler.reject(self._error_stream(exc, response_topic, forbidden, message), exc)
-            return
-        if forbidden:
-            error = RequestError(
-                ErrorCode.FORBIDDEN_REPLY_TOPIC,
-                f"response topic {response_topic!r} is not allowed; use a topic starting with "
-                + " or ".join(repr(p) for p in self.config.reply_prefixes),
-                request.id,
-            )
-            log.warning(
-                "request %s asked for forbidden reply topic %r",
-                request.id,
-                response_topic,
-                extra={"request_id": request.id, "code": str(error.code)},
-            )
-            stream = self._stream(self.topics.answer(request.id), request.id, message)
-            self.scheduler.reject(stream, error)
-            return
-        wait_s = self._rate_limited(message)
-        if wait_s is not None:
-            topic = response_topic or self.topics.answer(request.id)
-            self.scheduler.reject_busy(self._stream(topic, request.id, message), wait_s)
-            return
-        if self.scheduler.is_active(request.id):
-            # Its P/answer/{id} belongs to the request already running: refuse on P/error so
-            # that stream keeps exactly one terminal message.
-            duplicate = RequestError(
-                ErrorCode.INVALID_REQUEST,
-                f"id: {request.id} is already running or queued; use a new id per question",
-                request.id,
-            )
-            self.scheduler.reject(self._stream(self.topics.error, request.id, message), duplicate)
-            return
-        log.debug("request %s: %r", request.id, request.question, extra={"request_id": request.id})
-        topic = response_topic or self.topics.answer(request.id)
-        self.scheduler.submit(Job(request, self._stream(topic, request.id, message)))
-
-    def _error_stream(
-        self, error: RequestError, response_topic: str | None, forbidden: bool, message: Inbound
-    ) -> ReplyStream:
-        """Where an invalid request's error goes (docs/protocol.md, "Errors")."""
-        if error.code is ErrorCode.TOO_LARGE:
-            topic = self.topics.error  # PROTOCOL.md: rejected unread, answered on P/error
-        elif response_topic is not None and not forbidden:
-            topic = response_topic
-        elif error.request_id is not None:
-            topic = self.topics.answer(error.request_id)
-        else:
-            topic = self.topics.error
-        return self._stream(topic, error.request_id, message)
-
-    def _stream(self, topic: str, request_id: str | None, message: Inbound) -> ReplyStream:
-        connection = self.connection
-
-        def publish(topic: str, payload: bytes, correlation_data: bytes | None) -> Delivery:
-            return connection.publish(topic, payload, correlation_data=correlation_data)
-
-        return ReplyStream(
-            publish, topic, request_id, message.correlation_data, self._max_packet_bytes
-        )
 
 
 def _round(value: float | None) -> float | None:
