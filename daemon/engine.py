@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import ctypes
+import io
 import logging
 import os
 import time
@@ -23,6 +25,22 @@ from daemon.prompt import PromptBuilder, fallback_format
 from daemon.scheduler import Generation
 
 log = logging.getLogger(__name__)
+llama_log = logging.getLogger("llama.cpp")
+
+# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation. Warnings are about the
+# model file and repeat at every start, so they are informational for an operator.
+_GGML_LEVELS = {3: logging.INFO, 4: logging.ERROR}
+
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    """llama.cpp's own log lines, into Python logging (journald), instead of raw stderr."""
+    try:
+        message = text.decode("utf-8", "replace").rstrip()
+        if message:
+            llama_log.log(_GGML_LEVELS.get(level, logging.DEBUG), "%s", message)
+    except Exception:  # noqa: BLE001 - an exception must never cross back into C
+        return
 
 
 class ModelLoadError(Exception):
@@ -81,17 +99,26 @@ class Engine:
         self._wanted_threads = settings.threads
         if not settings.path.is_file():
             raise ModelLoadError(f"model file not found: {settings.path}")
+        # verbose=False would point file descriptor 2 at /dev/null while the model loads, and
+        # swallow what other threads log meanwhile (a broker refusal, say). Instead llama.cpp's
+        # log goes through _route_llama_log, and llama-cpp-python's own prints to sys.stderr
+        # during loading are caught here; the logging handlers keep the real stderr.
+        llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
         try:
-            self._llama = llama_cpp.Llama(
-                model_path=str(settings.path),
-                n_ctx=settings.ctx,
-                n_threads=settings.threads,
-                n_threads_batch=settings.threads_batch,
-                seed=settings.seed if settings.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED,
-                verbose=False,
-            )
+            with contextlib.redirect_stderr(io.StringIO()):
+                self._llama = llama_cpp.Llama(
+                    model_path=str(settings.path),
+                    n_ctx=settings.ctx,
+                    n_threads=settings.threads,
+                    n_threads_batch=settings.threads_batch,
+                    seed=settings.seed if settings.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED,
+                    verbose=True,
+                )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"cannot load model {settings.path}: {exc}") from exc
+        self._llama.verbose = False  # no per-request prints from Llama.generate
+        # verbose=True also set llama-cpp-python's own logger to DEBUG.
+        logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)
         model = self._llama._model
         bos_id, eos_id = self._llama.token_bos(), self._llama.token_eos()
         self._prompts = PromptBuilder(
