@@ -7,6 +7,7 @@ import logging
 import signal
 import ssl
 import threading
+import time
 from enum import StrEnum
 from pathlib import Path
 from types import FrameType
@@ -126,7 +127,9 @@ class App:
         cpu_c = telemetry.thermal.cpu_c if telemetry is not None else None
         temp = "temperature unknown" if cpu_c is None else f"{cpu_c:.0f} C"
         model = self._model_name or "model not loaded"
-        return f"{self.state}: {model}, {self.monitor_threads()} threads, {temp}"
+        line = f"{self.state}: {model}, {self.monitor_threads()} threads, {temp}"
+        problem = self.connection.problem
+        return line if problem is None else f"{line}; broker: {problem}"
 
     def _worker_progress(self) -> WorkerProgress:
         return WorkerProgress(self.scheduler.busy, self.scheduler.last_progress_monotonic)
@@ -192,11 +195,12 @@ class App:
             ),
             self._hooks,
         )
+        started = time.monotonic()
         warm = engine.warm_up()
         log.info(
-            "model warm: %d prompt tokens, first token after %s ms",
+            "model warm: %d prompt tokens, warm-up took %d ms",
             warm.prompt_tokens,
-            None if warm.first_token_monotonic is None else "ok",
+            round((time.monotonic() - started) * 1000),
         )
         return engine
 
@@ -296,8 +300,8 @@ class App:
     def _announce_online(self) -> Delivery:
         return self.connection.publish(self.topics.status, b"online", retain=True)
 
-    def _on_broker_problem(self, problem: str | None) -> None:
-        self.notifier.status(self.status_line() if problem is None else f"broker: {problem}")
+    def _on_broker_problem(self, _problem: str | None) -> None:
+        self.notifier.status(self.status_line())
 
     def _on_connected(self) -> None:
         # A broker that restarted without persistence has lost our retained status.
@@ -307,6 +311,13 @@ class App:
             self._publish_discovery()
 
     def _on_message(self, message: Inbound) -> None:
+        if message.retain and message.topic in (self.topics.ask, self.topics.cancel):
+            # A retained question would be asked again at every (re)subscribe.
+            log.warning(
+                "ignored a retained message on %s; clear it with an empty retained publish",
+                message.topic,
+            )
+            return
         if message.topic == self.topics.ask:
             self.intake.handle(message)
         elif message.topic == self._ha_status and self.config.homeassistant.enabled:

@@ -42,6 +42,7 @@ class Inbound:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     user_properties: tuple[tuple[str, str], ...] = ()
+    retain: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class Connection:
         self.max_packet_bytes: int | None = None
         self._takeovers: list[float] = []
         self._connected_at = 0.0
+        self._connack_refused = False
         self._pending_subscriptions: dict[int, list[str]] = {}
         self._client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -125,6 +127,8 @@ class Connection:
             self._client.tls_set_context(tls_context)
         if username is not None:
             self._client.username_pw_set(username, password)
+            if password is not None and tls_context is None:
+                log.warning("the MQTT password is sent unencrypted; set mqtt.tls for this broker")
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
         self._client.on_socket_open = self._handle_socket_open
@@ -207,6 +211,7 @@ class Connection:
     ) -> None:
         try:
             if reason_code.is_failure:
+                self._connack_refused = True
                 self._set_problem(
                     f"broker {self._host}:{self._port} refused the connection: "
                     f"{reason_code} (check mqtt.username / the password)"
@@ -252,6 +257,19 @@ class Connection:
                 self._note_takeover()
             if was_connected and reason_code != 0:
                 log.warning("lost the broker (%s); reconnecting", reason_code)
+            elif not was_connected and not self._connack_refused:
+                # TCP (and TLS) worked, but the broker closed before accepting us.
+                hint = (
+                    "a missing or rejected client certificate (mqtt.tls.cert_file)?"
+                    if self._tls_context is not None
+                    else "see the broker's log"
+                )
+                self._set_problem(
+                    f"broker {self._host}:{self._port} closed the connection before accepting "
+                    f"it ({reason_code}); {hint}"
+                )
+            # A refusal in CONNACK explains this attempt's disconnect; the next attempt is new.
+            self._connack_refused = False
         except Exception:
             log.exception("error in disconnect handler")
 
@@ -332,7 +350,7 @@ class Connection:
             return
         self.problem = problem
         if problem is not None:
-            log.error("%s; retrying with backoff", problem)
+            log.error("%s (retrying with backoff)", problem.rstrip("."))
         if self._on_problem is not None:
             self._on_problem(problem)
 
@@ -350,6 +368,7 @@ class Connection:
                 response_topic,
                 correlation_data,
                 tuple(user_properties or ()),
+                bool(message.retain),
             )
             if self._on_message is not None:
                 self._on_message(inbound)
