@@ -194,8 +194,14 @@ def _question(text: str, max_chars: int, request_id: str | None) -> str:
     return question
 
 
+# {"id": "<64 characters>"} with generous room for white space.
+_MAX_CANCEL_BYTES = 1024
+
+
 def parse_cancel(payload: bytes) -> str | None:
     """The request id in a `P/cancel` payload, or None when there is no valid one."""
+    if len(payload) > _MAX_CANCEL_BYTES:
+        return None
     try:
         fields = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):

@@ -52,8 +52,12 @@ def fallback_format(configured: str, architecture: str | None) -> str:
 
 
 def strip_markers(text: str) -> str:
-    """Remove chat-template turn markers from client text."""
-    return _MARKERS.sub("", text)
+    """Remove chat-template turn markers from client text, also ones assembled by removal."""
+    while True:
+        stripped = _MARKERS.sub("", text)
+        if stripped == text:
+            return text
+        text = stripped
 
 
 @dataclass(frozen=True)
