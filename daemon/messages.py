@@ -16,8 +16,6 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 ID_RULE = "1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
 MAX_JSON_DEPTH = 32
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline"]
 
@@ -78,10 +76,6 @@ def parse_request(payload: bytes, *, max_payload_bytes: int, max_question_chars:
         ) from exc
     if not text.lstrip().startswith("{"):
         return Request(id=new_request_id(), question=_question(text, max_question_chars, None))
-    if _json_depth(text) > MAX_JSON_DEPTH:
-        raise RequestError(
-            ErrorCode.INVALID_JSON, f"JSON is nested deeper than {MAX_JSON_DEPTH} levels"
-        )
     try:
         fields = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
     except _DuplicateKeyError as exc:
@@ -90,6 +84,11 @@ def parse_request(payload: bytes, *, max_payload_bytes: int, max_question_chars:
         raise RequestError(ErrorCode.INVALID_JSON, "JSON is nested too deeply") from exc
     except ValueError as exc:
         raise RequestError(ErrorCode.INVALID_JSON, f"payload is not valid JSON: {exc}") from exc
+    # The C decoder stops at Python's recursion limit (caught above), so this walk is bounded.
+    if _json_depth(fields) > MAX_JSON_DEPTH:
+        raise RequestError(
+            ErrorCode.INVALID_JSON, f"JSON is nested deeper than {MAX_JSON_DEPTH} levels"
+        )
     if not isinstance(fields, dict):
         raise RequestError(
             ErrorCode.INVALID_JSON, "a payload starting with '{' must be a JSON object"
@@ -97,12 +96,16 @@ def parse_request(payload: bytes, *, max_payload_bytes: int, max_question_chars:
     return _request_from_fields(fields, max_question_chars)
 
 
-def _json_depth(text: str) -> int:
-    """Deepest bracket nesting outside strings; bounds the parser's recursion before it runs."""
-    depth = deepest = 0
-    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub("", text)):
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
+def _json_depth(value: Any) -> int:
+    """Deepest nesting of a parsed JSON value, walked without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
     return deepest
 
 
@@ -128,15 +131,17 @@ def _request_from_fields(fields: dict[str, Any], max_question_chars: int) -> Req
         request_id = raw_id
     else:
         raise RequestError(ErrorCode.INVALID_REQUEST, f"id: must be a string of {ID_RULE}")
+    # Errors name the id only when the client chose it: a generated one is known to nobody.
+    error_id = request_id if raw_id is not None else None
 
     def invalid(field_name: str, rule: str) -> RequestError:
-        return RequestError(ErrorCode.INVALID_REQUEST, f"{field_name}: {rule}", request_id)
+        return RequestError(ErrorCode.INVALID_REQUEST, f"{field_name}: {rule}", error_id)
 
     if "question" not in fields:
         raise invalid("question", "is required")
     if not isinstance(fields["question"], str):
         raise invalid("question", "must be a string")
-    question = _question(fields["question"], max_question_chars, request_id)
+    question = _question(fields["question"], max_question_chars, error_id)
 
     max_tokens = fields.get("max_tokens")
     if max_tokens is not None and (
