@@ -42,12 +42,13 @@ def render(result: dict[str, Any], path: Path) -> Path:
         axis.set_xticks([i + width * (len(shown) - 1) / 2 for i in range(len(lengths))])
         axis.set_xticklabels([f"{n} tokens" for n in lengths])
         axis.grid(axis="y", alpha=0.3)
-    speed.legend(loc="lower right", fontsize=8)
+    handles, labels = speed.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(shown), fontsize=9)
     figure.suptitle(
         f"{Path(result['model']).name}, {result['threads']} thread(s), {result['reps']} reps",
         fontsize=10,
     )
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
