@@ -39,9 +39,8 @@ class LocalBroker:
     process: subprocess.Popen[bytes] | None = None
     extra_config: str = ""
 
-    def start(self) -> None:
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
+    def config_text(self) -> str:
+        return (
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence false\n"
@@ -50,16 +49,12 @@ class LocalBroker:
             # stderr, not a file: started as root, mosquitto drops to its own user.
             "log_dest stderr\n" + self.extra_config
         )
-        with (self.workdir / "mosquitto.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [MOSQUITTO, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
-            )
-        wait_listening(self.port)
+
+    def start(self) -> None:
+        self.process = launch(self.workdir, self.config_text(), self.port)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
+        terminate(self.process)
         self.process = None
 
     def __enter__(self) -> LocalBroker:
@@ -68,3 +63,26 @@ class LocalBroker:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
+
+
+def launch(workdir: Path, config_text: str, *ports: int) -> subprocess.Popen[bytes]:
+    """Start mosquitto with this config, logging to workdir, and wait for its listeners."""
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(config_text)
+    with (workdir / "mosquitto.log").open("ab") as log:
+        process = subprocess.Popen(
+            [MOSQUITTO, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        for port in ports:
+            wait_listening(port)
+    except TimeoutError:
+        terminate(process)
+        raise
+    return process
+
+
+def terminate(process: subprocess.Popen[bytes] | None) -> None:
+    if process is not None and process.poll() is None:
+        process.terminate()
+        process.wait(10)

@@ -26,7 +26,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from tests.conftest import MOSQUITTO, REPO, free_port, wait_listening
+from daemon.localbroker import launch, terminate
+from tests.conftest import REPO, free_port
 from tests.mqtt_client import TestClient
 
 EXAMPLES = REPO / "config" / "mosquitto"
@@ -168,31 +169,20 @@ class SecureBroker:
         )
         acl.write_text((EXAMPLES / "acl").read_text())
         cert, key = self.pki.server(certificate)
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            example_config(
-                port=self.port,
-                mtls_port=self.mtls_port,
-                files={"passwd": passwd, "acl": acl, "ca": self.pki.ca},
-                server_cert=cert,
-                server_key=key,
-            )
+        config = example_config(
+            port=self.port,
+            mtls_port=self.mtls_port,
+            files={"passwd": passwd, "acl": acl, "ca": self.pki.ca},
+            server_cert=cert,
+            server_key=key,
         )
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [MOSQUITTO, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
-            )
         try:
-            wait_listening(self.port)
-            wait_listening(self.mtls_port)
+            self.process = launch(self.workdir, config, self.port, self.mtls_port)
         except TimeoutError:
-            self.stop()
             raise TimeoutError(f"mosquitto did not start; its log:\n{self.log()}") from None
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
+        terminate(self.process)
         self.process = None
 
     def connections_as(self, client_id: str) -> int:
@@ -257,36 +247,27 @@ class DynsecBroker:
             },
         }
         (self.workdir / "dynamic-security.json").write_text(json.dumps(security))
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            "\n".join(
-                [
-                    "per_listener_settings false",
-                    "allow_anonymous false",
-                    f"plugin {DYNSEC_PLUGIN}",
-                    f"plugin_opt_config_file {self.workdir / 'dynamic-security.json'}",
-                    "persistence false",
-                    "log_dest stderr",
-                    "log_type all",
-                    "user root",
-                    f"listener {self.port} 127.0.0.1",
-                    f"cafile {self.pki.ca}",
-                    f"certfile {self.pki.server_cert}",
-                    f"keyfile {self.pki.server_key}",
-                    "",
-                ]
-            )
+        config = "\n".join(
+            [
+                "per_listener_settings false",
+                "allow_anonymous false",
+                f"plugin {DYNSEC_PLUGIN}",
+                f"plugin_opt_config_file {self.workdir / 'dynamic-security.json'}",
+                "persistence false",
+                "log_dest stderr",
+                "log_type all",
+                "user root",
+                f"listener {self.port} 127.0.0.1",
+                f"cafile {self.pki.ca}",
+                f"certfile {self.pki.server_cert}",
+                f"keyfile {self.pki.server_key}",
+                "",
+            ]
         )
-        with (self.workdir / "mosquitto.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [MOSQUITTO, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
-            )
-        wait_listening(self.port)
+        self.process = launch(self.workdir, config, self.port)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
+        terminate(self.process)
         self.process = None
 
 

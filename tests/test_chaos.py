@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -42,7 +41,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from daemon.messages import ErrorCode
-from tests.conftest import MOSQUITTO, Broker, Daemon, DaemonFactory, free_port, wait_listening
+from tests.conftest import Broker, Daemon, DaemonFactory, free_port
 from tests.mqtt_client import Received, TestClient, assert_well_formed
 from tests.tcp_proxy import TcpProxy
 
@@ -108,9 +107,8 @@ def rss_mb(daemon: Daemon) -> float:
 class PersistentBroker(Broker):
     """A mosquitto that saves sessions, subscriptions and queued messages when it stops."""
 
-    def start(self) -> None:
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
+    def config_text(self) -> str:
+        return (
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence true\n"
@@ -120,9 +118,6 @@ class PersistentBroker(Broker):
             "set_tcp_nodelay true\n"
             "log_dest stderr\n"
         )
-        with (self.workdir / "mosquitto.log").open("ab") as log:
-            self.process = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=log, stderr=log)
-        wait_listening(self.port)
 
 
 def kill(broker: Broker) -> None:
