@@ -124,9 +124,10 @@ def _raw_sample(engine: Engine, tokens: int) -> Sample:
     return Sample("raw", count, (count - 1) / (end - first), first_ms, first_ms, None)
 
 
-def _kioskd_sample(
+def _mqtt_sample(
     port: int, tokens: int, prefix: str = "bench/kiosk", system: str = "kioskd"
 ) -> Sample:
+    """Ask over MQTT (kioskd, or the bridge in front of llama_cpp.server) and time the stream."""
     answer: Answer = ask(
         QUESTION,
         host="127.0.0.1",
@@ -253,13 +254,13 @@ def run_bench(
             port = broker.port
             systems = ["raw", "kioskd"]
             _raw_sample(engine, 8)  # warm every side before measuring
-            _kioskd_sample(port, 8)
+            _mqtt_sample(port, 8)
             if vs_server:
                 from daemon.bench_server import BRIDGE_PREFIX, Bridge, llama_server  # noqa: PLC0415
 
                 server_port = extra.enter_context(llama_server(workdir, resolved, thread_count))
                 extra.enter_context(Bridge(mqtt_port=port, server_port=server_port, engine=engine))
-                _kioskd_sample(port, 8, BRIDGE_PREFIX, "server")
+                _mqtt_sample(port, 8, BRIDGE_PREFIX, "server")
                 systems.append("server")
             for rep in range(reps):
                 for length in lengths:
@@ -269,9 +270,9 @@ def run_bench(
                         if system == "raw":
                             sample = _raw_sample(engine, length)
                         elif system == "kioskd":
-                            sample = _kioskd_sample(port, length)
+                            sample = _mqtt_sample(port, length)
                         else:
-                            sample = _kioskd_sample(port, length, BRIDGE_PREFIX, "server")
+                            sample = _mqtt_sample(port, length, BRIDGE_PREFIX, "server")
                         samples.append(sample)
                         print(
                             f"rep {rep + 1}/{reps} {system:6} {length:4} tokens: "
@@ -337,7 +338,7 @@ def run_telemetry_bench(
             port = broker.port
             for rep in range(reps):
                 for prefix in (fast, off) if rep % 2 == 0 else (off, fast):
-                    sample = _kioskd_sample(port, tokens, prefix)
+                    sample = _mqtt_sample(port, tokens, prefix)
                     rates[prefix].append(sample.decode_tokens_per_s)
                     print(
                         f"rep {rep + 1}/{reps} {prefix:22} {sample.decode_tokens_per_s:6.1f} tok/s",

@@ -515,13 +515,3 @@ def describe() -> list[tuple[str, Any, str]]:
 
     walk(Config, "")
     return rows
-
-
-def redacted(config: Config) -> dict[str, Any]:
-    """The config as a dict fit for logs: anything secret-looking is replaced."""
-    data = dataclasses.asdict(config)
-    for section in data.values():
-        for key in section:
-            if "password" in key and not key.endswith("_file"):
-                section[key] = "***"
-    return data

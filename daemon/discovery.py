@@ -188,11 +188,5 @@ def discovery_messages(
     return messages
 
 
-def removal_messages(*, device_id: str, ha_prefix: str) -> list[tuple[str, bytes]]:
-    """(topic, empty payload) pairs that make HA forget the kiosk's entities; publish retained."""
-    node_id = node_id_for(device_id)
-    return [(_config_topic(ha_prefix, entity, node_id), b"") for entity in _ENTITIES]
-
-
 def _config_topic(ha_prefix: str, entity: _Entity, node_id: str) -> str:
     return homeassistant_config(ha_prefix, entity.component, node_id, entity.object_id)

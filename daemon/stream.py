@@ -43,11 +43,6 @@ class ReplyStream:
         self._lock = threading.RLock()
         self._seq = 0
         self._ended = False
-        self.last_delivery: Delivery | None = None
-
-    @property
-    def ended(self) -> bool:
-        return self._ended
 
     def send(self, message: StreamMessage) -> bool:
         """Publish `message`; False (and nothing sent) when the stream has already ended.
@@ -84,7 +79,7 @@ class ReplyStream:
                     payload = message.to_payload(self.request_id, self._seq)
             self._seq += 1
             self._ended = message.terminal
-            self.last_delivery = self._publish(self.topic, payload, self._correlation_data)
+            self._publish(self.topic, payload, self._correlation_data)
             return True
 
     def _payload_limit(self) -> int | None:

@@ -12,7 +12,6 @@ from daemon.discovery import (
     discovery_messages,
     expire_after_s,
     node_id_for,
-    removal_messages,
 )
 
 # Configuration variables of the MQTT sensor, from
@@ -348,10 +347,3 @@ def test_node_id_keeps_the_topic_shape(device_id: str, node_id: str) -> None:
 def test_prefix_with_trailing_slash_gives_the_same_topics() -> None:
     assert [t for t, _ in messages(ha_prefix="ha/")] == [t for t, _ in messages(ha_prefix="ha")]
     assert all(t.startswith("ha/") for t, _ in messages(ha_prefix="ha"))
-
-
-def test_removal_empties_exactly_the_discovery_topics() -> None:
-    removal = removal_messages(device_id="pi-line-3", ha_prefix="homeassistant")
-
-    assert [topic for topic, _ in removal] == [topic for topic, _ in messages()]
-    assert all(payload == b"" for _, payload in removal)
