@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import ssl
 import subprocess
 import threading
@@ -329,55 +328,6 @@ class SecureClient(TestClient):
         refused = [code for code in codes if code.is_failure]
         if refused:
             raise PermissionError(f"broker refused the subscription to {topic}: {refused[0]}")
-
-
-@dataclass
-class NotifySocket:
-    """A unix datagram socket standing in for systemd's NOTIFY_SOCKET."""
-
-    path: Path
-    sock: socket.socket
-    messages: list[str] = field(default_factory=list)
-    cond: threading.Condition = field(default_factory=threading.Condition)
-
-    @classmethod
-    def open(cls, path: Path) -> NotifySocket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(str(path))
-        receiver = cls(path, sock)
-        threading.Thread(target=receiver._receive_forever, daemon=True).start()
-        return receiver
-
-    def _receive_forever(self) -> None:
-        while True:
-            try:
-                data = self.sock.recv(4096)
-            except OSError:
-                return
-            with self.cond:
-                self.messages.append(data.decode())
-                self.cond.notify_all()
-
-    def statuses(self) -> list[str]:
-        with self.cond:
-            return [
-                line.removeprefix("STATUS=")
-                for message in self.messages
-                for line in message.splitlines()
-                if line.startswith("STATUS=")
-            ]
-
-    def wait_for(self, text: str, timeout_s: float = 30.0) -> str:
-        """The first STATUS= line containing `text`."""
-        with self.cond:
-            if not self.cond.wait_for(
-                lambda: any(text in status for status in self.statuses()), timeout_s
-            ):
-                raise TimeoutError(f"no STATUS= with {text!r} in {self.statuses()}")
-        return next(status for status in self.statuses() if text in status)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def wait_for_log(read_log: Any, pattern: str, timeout_s: float = 30.0) -> re.Match[str]:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -14,49 +11,14 @@ import pytest
 from daemon import exitcodes
 from tests.conftest import DaemonFactory
 from tests.mqtt_client import TestClient, assert_well_formed
-
-
-@dataclass
-class NotifySocket:
-    """Receives sd_notify datagrams with their arrival times."""
-
-    path: Path
-    sock: socket.socket
-    messages: list[tuple[float, str]] = field(default_factory=list)
-    cond: threading.Condition = field(default_factory=threading.Condition)
-
-    def receive_forever(self) -> None:
-        while True:
-            try:
-                data = self.sock.recv(4096)
-            except OSError:
-                return
-            with self.cond:
-                self.messages.append((time.monotonic(), data.decode()))
-                self.cond.notify_all()
-
-    def wait_for(self, text: str, timeout_s: float = 60) -> float:
-        """Arrival time of the first datagram containing `text`."""
-        with self.cond:
-            ok = self.cond.wait_for(lambda: any(text in m for _t, m in self.messages), timeout_s)
-            if not ok:
-                raise TimeoutError(f"no {text!r} in {self.messages}")
-            return next(t for t, m in self.messages if text in m)
-
-    def pings_between(self, start: float, end: float) -> list[float]:
-        with self.cond:
-            return [t for t, m in self.messages if "WATCHDOG=1" in m and start <= t <= end]
+from tests.notify_socket import NotifySocket
 
 
 @pytest.fixture
 def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
-    path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    receiver = NotifySocket(path, sock)
-    threading.Thread(target=receiver.receive_forever, daemon=True).start()
+    receiver = NotifySocket.open(tmp_path / "notify.sock")
     yield receiver
-    sock.close()
+    receiver.close()
 
 
 def test_ready_only_after_the_model_is_warm_then_watchdog_and_stopping(

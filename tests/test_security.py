@@ -23,13 +23,13 @@ import pytest
 from daemon import exitcodes
 from tests.conftest import REPO, Daemon, DaemonFactory
 from tests.mqtt_client import TestClient, assert_well_formed
+from tests.notify_socket import NotifySocket
 from tests.security_broker import (
     DYNSEC_PLUGIN,
     KIOSK_PREFIX,
     KIOSK_USER,
     TERMINAL_USER,
     DynsecBroker,
-    NotifySocket,
     Pki,
     SecureBroker,
     SecureClient,
