@@ -138,8 +138,8 @@ class Scheduler:
     # --- intake, called from the network thread --------------------------------------------
 
     def submit(self, job: Job) -> None:
+        """Queue or start `job`; the caller has refused ids that are already active."""
         with self._cond:
-            request_id = job.request.id
             if self._draining:
                 self.counters.rejected += 1
                 job.stream.send(
@@ -156,15 +156,6 @@ class Scheduler:
                         ErrorCode.OVERHEATED,
                         "the kiosk is too hot and has paused answering; retry later",
                         retry_after_s=self._overheated_retry_s,
-                    )
-                )
-                return
-            if self._find(request_id) is not None:
-                self.counters.errors += 1
-                job.stream.send(
-                    Error(
-                        ErrorCode.INVALID_REQUEST,
-                        f"id: {request_id} is already running or queued; use a new id per question",
                     )
                 )
                 return
