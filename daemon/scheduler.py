@@ -141,22 +141,22 @@ class Scheduler:
         """Queue or start `job`; the caller has refused ids that are already active."""
         with self._cond:
             if self._draining:
-                self.counters.rejected += 1
-                job.stream.send(
+                self._refuse(
+                    job.stream,
                     Error(
                         ErrorCode.SHUTTING_DOWN,
                         "kioskd is shutting down; ask again once its status is online",
-                    )
+                    ),
                 )
                 return
             if self._overheated_retry_s is not None:
-                self.counters.rejected += 1
-                job.stream.send(
+                self._refuse(
+                    job.stream,
                     Error(
                         ErrorCode.OVERHEATED,
                         "the kiosk is too hot and has paused answering; retry later",
                         retry_after_s=self._overheated_retry_s,
-                    )
+                    ),
                 )
                 return
             if self._running is None and not self._queue and self._ready:
@@ -166,13 +166,13 @@ class Scheduler:
                 self._cond.notify_all()
                 return
             if len(self._queue) >= self._capacity:
-                self.counters.rejected += 1
-                job.stream.send(
+                self._refuse(
+                    job.stream,
                     Error(
                         ErrorCode.BUSY,
                         f"the queue is full ({self._capacity} waiting); retry later",
                         retry_after_s=self._retry_after_s(),
-                    )
+                    ),
                 )
                 return
             self._queue.append(job)
@@ -188,15 +188,26 @@ class Scheduler:
 
     def reject_busy(self, stream: ReplyStream, retry_after_s: float) -> None:
         """Refuse a request from a sender over its rate limit."""
-        with self._cond:
-            self.counters.rejected += 1
-        stream.send(
+        self._refuse(
+            stream,
             Error(
                 ErrorCode.BUSY,
                 "too many questions from this sender; slow down",
                 retry_after_s=round(max(0.1, retry_after_s), 1),
-            )
+            ),
         )
+
+    def _refuse(self, stream: ReplyStream, error: Error) -> None:
+        """Count, log and send a refusal of a request that will not be answered."""
+        with self._cond:
+            self.counters.rejected += 1
+        log.info(
+            "request %s refused: %s",
+            stream.request_id,
+            error.code,
+            extra={"request_id": stream.request_id, "code": str(error.code)},
+        )
+        stream.send(error)
 
     def is_active(self, request_id: str) -> bool:
         """Whether a request with this id is running or queued."""
@@ -228,13 +239,12 @@ class Scheduler:
         with self._cond:
             self._draining = True
             while self._queue:
-                job = self._queue.popleft()
-                self.counters.rejected += 1
-                job.stream.send(
+                self._refuse(
+                    self._queue.popleft().stream,
                     Error(
                         ErrorCode.SHUTTING_DOWN,
                         "kioskd is shutting down; the question was not answered",
-                    )
+                    ),
                 )
             deadline = time.monotonic() + grace_s
             while self._running is not None and time.monotonic() < deadline:

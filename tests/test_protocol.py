@@ -152,6 +152,7 @@ def test_queue_overflow_gives_busy(
     error = assert_well_formed(busy, "full")
     assert error["code"] == "busy"
     assert error["retry_after_s"] > 0
+    assert "request full refused: busy" in daemon.log(), "the journal says what happened"
     waiting = client.stream(daemon.topic("answer/wait"))
     assert waiting[0] == {"id": "wait", "seq": 0, "type": "queued", "position": 1}
     assert assert_well_formed(waiting, "wait")["type"] == "done"
