@@ -78,12 +78,15 @@ class TcpProxy:
     def close(self) -> None:
         self._closed.set()
         self._listener.close()
+        # Threads first: the accept loop may still add a link, which must be closed too.
+        # The accept thread is the first; once it is gone no thread is added any more.
+        self._threads[0].join(timeout=2)
+        for thread in list(self._threads[1:]):
+            thread.join(timeout=2)
         with self._lock:
             links = list(self._links)
         for link in links:
             link.close()
-        for thread in self._threads:
-            thread.join(timeout=2)
 
     # --- threads ---------------------------------------------------------------------------
 
