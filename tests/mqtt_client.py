@@ -133,8 +133,19 @@ class TestClient:
         )
 
     def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+        close_paho(self._client)
+
+
+def close_paho(client: paho.Client) -> None:
+    """Disconnect, stop the loop, and close every socket the client holds.
+
+    loop_start() opens a loopback TCP socket pair to wake its thread that loop_stop() leaves
+    open (only Client.__del__ closes it); collected later by the cycle collector, the sockets
+    raise ResourceWarning, which this suite turns into an error at exit.
+    """
+    client.disconnect()
+    client.loop_stop()
+    client._reset_sockets()
 
 
 def assert_well_formed(messages: list[dict[str, Any]], request_id: str | None) -> dict[str, Any]:

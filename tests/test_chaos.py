@@ -42,7 +42,7 @@ from paho.mqtt.properties import Properties
 
 from daemon.messages import ErrorCode
 from tests.conftest import Broker, Daemon, DaemonFactory, free_port
-from tests.mqtt_client import Received, TestClient, assert_well_formed
+from tests.mqtt_client import Received, TestClient, assert_well_formed, close_paho
 from tests.tcp_proxy import TcpProxy
 
 LIMITS = {"max_payload_bytes": 8192, "max_question_chars": 200}
@@ -211,8 +211,7 @@ class SessionClient:
         assert info.is_published()
 
     def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+        close_paho(self._client)
 
 
 # --- 1. a burst of hostile payloads ------------------------------------------------------------
