@@ -1,8 +1,12 @@
 """The language model: owns llama_cpp.Llama; loads, warms up and streams tokens.
 
-Tokens come from Llama.generate (the low-level loop, which also reuses the KV cache of the
-common prompt prefix, i.e. the system prompt) and are detokenized one at a time through an
-incremental UTF-8 decoder, so text goes out per token and never splits a character.
+Tokens come from kioskd's own decode loop over Llama.eval: it keeps the KV cache of the prompt
+prefix shared with the previous question (the system prompt), picks greedy tokens with one
+numpy argmax instead of llama.cpp's sampler chain (which copies every one of the vocabulary's
+candidates for each token: 0.56 ms against 0.02 ms for Gemma 3's 262k tokens), and frees its
+sampler when the answer ends (Llama.generate leaves a 3 MiB sampler to the cyclic garbage
+collector per question). Tokens are detokenized one at a time through an incremental UTF-8
+decoder, so text goes out per token and never splits a character.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ import io
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 
 from daemon.messages import ErrorCode, RequestError
 from daemon.prompt import PromptBuilder, fallback_format
@@ -131,6 +136,7 @@ class Engine:
             eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
         )
         self._vocab = model.vocab
+        self._n_vocab = self._llama.n_vocab()
         if self.hooks.active:
             log.warning("test hooks are active: %s", self.hooks)
         log.info(
@@ -233,7 +239,7 @@ class Engine:
         stopped = False
         hit_length = False
         self._apply_threads()
-        tokens = self._llama.generate(prompt, temp=temp, reset=True)
+        tokens = self._decode(prompt, temp)
         try:
             for token in self._tokens(tokens):
                 self._apply_threads()
@@ -267,6 +273,43 @@ class Engine:
             first_token_monotonic=first_token,
             end_monotonic=time.monotonic(),
         )
+
+    def _decode(self, prompt: list[int], temp: float) -> Generator[int, None, None]:
+        """Evaluate the prompt (reusing the cached prefix), then yield one token at a time."""
+        llama = self._llama
+        keep = self._cached_prefix(prompt)
+        if keep > 0 and llama._ctx.kv_cache_seq_rm(-1, keep, -1):
+            llama.n_tokens = keep
+        else:
+            llama.reset()  # type: ignore[no-untyped-call]
+        llama.eval(prompt[llama.n_tokens :])
+        sampler = None if temp == 0 else llama._init_sampler(temp=temp)
+        try:
+            while True:
+                token = self._greedy_token() if sampler is None else sampler.sample(llama._ctx, -1)
+                yield token
+                llama.eval([token])
+        finally:
+            if sampler is not None:
+                sampler.close()
+
+    def _cached_prefix(self, prompt: list[int]) -> int:
+        """How many leading prompt tokens the KV cache already holds, leaving at least one to
+        evaluate (its logits pick the first token)."""
+        llama = self._llama
+        cached = llama.input_ids[: llama.n_tokens]
+        same = 0
+        for old, new in zip(cached, prompt, strict=False):
+            if old != new:
+                break
+            same += 1
+        return min(same, len(prompt) - 1)
+
+    def _greedy_token(self) -> int:
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self._llama.ctx, -1), shape=(self._n_vocab,)
+        )
+        return int(np.argmax(logits))
 
     def _tokens(self, tokens: Iterator[int]) -> Iterator[int]:
         hooks = self.hooks
