@@ -9,6 +9,7 @@ on a free loopback port; the raw loop runs in this process. End-of-turn is ignor
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -39,12 +40,13 @@ SYSTEM_PROMPT = "You are a helpful assistant on a factory-floor kiosk. Answer br
 
 @dataclass(frozen=True)
 class Sample:
-    system: str  # "raw" or "kioskd"
+    system: str  # "raw", "kioskd" or "server" (llama_cpp.server + bridge)
     tokens: int
     decode_tokens_per_s: float
     first_token_ms: float  # raw: prompt + first token; kioskd: as seen by the client
     model_first_token_ms: float  # the model's own time to the first token
     first_chunk_overhead_ms: float | None  # kioskd only: client first chunk - model first token
+    gap_p99_ms: float | None = None  # p99 time between chunks (raw: between tokens)
 
 
 @contextmanager
@@ -57,9 +59,17 @@ def _daemon(
     *,
     prefix: str = "bench/kiosk",
     telemetry_interval_s: float = 30.0,
+    stream: dict[str, Any] | None = None,
+    env: dict[str, str | None] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
+    """A kioskd subprocess on the broker, answered a first question (so loaded and warm).
+
+    stream: the config's stream section (flush_ms, max_chunk_chars); env: extra environment
+    variables (OpenMP settings, say), on top of this process's; a None value removes that
+    variable, so a baseline runs without settings the calling shell happens to have.
+    """
     name = prefix.replace("/", "-")
-    config = {
+    config: dict[str, Any] = {
         # Distinct client ids: two daemons sharing one would keep kicking each other off.
         "mqtt": {"port": port, "topic_prefix": prefix, "client_id": f"kioskd-{name}"},
         "telemetry": {"interval_s": telemetry_interval_s},
@@ -72,13 +82,21 @@ def _daemon(
         },
         "logging": {"level": "WARNING"},
     }
+    if stream:
+        config["stream"] = stream
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "KIOSKD_TEST_IGNORE_EOS": "1"}
+    process_env = dict(os.environ)
+    for key, value in (env or {}).items():
+        if value is None:
+            process_env.pop(key, None)
+        else:
+            process_env[key] = value
+    process_env["KIOSKD_TEST_IGNORE_EOS"] = "1"
     log = (workdir / f"{name}.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "daemon", "run", "--config", str(config_path)],
-        env=env,
+        env=process_env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -108,20 +126,23 @@ def _raw_sample(engine: Engine, tokens: int) -> Sample:
     prompt = engine.prompt_tokens(QUESTION)
     pieces: list[bytes] = []
     started = time.monotonic()
-    first: float | None = None
-    count = 0
+    arrivals: list[float] = []
     for token in llama.generate(prompt, temp=0.0, reset=True):
-        if first is None:
-            first = time.monotonic()
         pieces.append(llama.detokenize([token]))
-        count += 1
-        if count >= tokens:
+        arrivals.append(time.monotonic())
+        if len(arrivals) >= tokens:
             break
-    end = time.monotonic()
-    if first is None:
+    if not arrivals:
         raise RuntimeError("the raw loop produced no token")
+    count, first = len(arrivals), arrivals[0]
     first_ms = (first - started) * 1000
-    return Sample("raw", count, (count - 1) / (end - first), first_ms, first_ms, None)
+    decode = (count - 1) / (arrivals[-1] - first)
+    return Sample("raw", count, decode, first_ms, first_ms, None, _gap_p99_ms(arrivals))
+
+
+def _gap_p99_ms(arrivals: list[float]) -> float | None:
+    gaps = [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)]
+    return round(_percentile(gaps, 0.99), 2) if gaps else None
 
 
 def _mqtt_sample(
@@ -150,8 +171,9 @@ def _mqtt_sample(
     decode = (completion - 1) / (chunk_arrivals[-1] - chunk_arrivals[0])
     client_first_ms = (answer.first_chunk_monotonic - answer.sent_monotonic) * 1000
     timing = final["timing"]
+    gap_ms = _gap_p99_ms(chunk_arrivals)
     if timing["first_token_ms"] is None:  # the bridge cannot see the model's own timing
-        return Sample(system, tokens, decode, client_first_ms, client_first_ms, None)
+        return Sample(system, tokens, decode, client_first_ms, client_first_ms, None, gap_ms)
     model_first_ms = float(timing["first_token_ms"]) - float(timing["queued_ms"])
     return Sample(
         system,
@@ -160,32 +182,40 @@ def _mqtt_sample(
         client_first_ms,
         model_first_ms,
         client_first_ms - model_first_ms,
+        gap_ms,
     )
 
 
-def _idle_cpu_percent(process: psutil.Process, idle_s: float) -> float | None:
-    """CPU the idle daemon uses (all its threads), as a percent of one core."""
+def _idle_cpu_percent(processes: list[psutil.Process], idle_s: float) -> list[float | None]:
+    """CPU each idle process uses (all its threads) over the same idle_s, in % of one core."""
     if idle_s <= 0:
-        return None
-    before = process.cpu_times()
+        return [None for _ in processes]
+    before = [p.cpu_times() for p in processes]
     time.sleep(idle_s)
-    after = process.cpu_times()
-    used_s = (after.user - before.user) + (after.system - before.system)
-    return round(100 * used_s / idle_s, 3)
+    after = [p.cpu_times() for p in processes]
+    return [
+        round(100 * ((a.user - b.user) + (a.system - b.system)) / idle_s, 3)
+        for b, a in zip(before, after, strict=True)
+    ]
 
 
-def _rss_budget_mb(engine: Engine, model: Path) -> float | None:
-    """Model file + KV cache + 100 MB: what kioskd's RSS should stay under (issue 6)."""
+def _rss_budget_mib(engine: Engine, model: Path) -> float | None:
+    """Model file + KV cache + 100 MB (10^8 bytes): what kioskd's RSS should stay under."""
     kv_bytes = engine.kv_cache_bytes()
     if kv_bytes is None:
         return None
-    return round((model.stat().st_size + kv_bytes) / 2**20 + 100, 1)
+    return round((model.stat().st_size + kv_bytes + 100_000_000) / 2**20, 1)
 
 
 def _percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
     return ordered[index]
+
+
+def _median_gap(samples: list[Sample]) -> float | None:
+    gaps = [s.gap_p99_ms for s in samples if s.gap_p99_ms is not None]
+    return round(statistics.median(gaps), 2) if gaps else None
 
 
 def summarize(samples: list[Sample], lengths: list[int]) -> dict[str, Any]:
@@ -207,20 +237,46 @@ def summarize(samples: list[Sample], lengths: list[int]) -> dict[str, Any]:
             "ratio_median_of_pairs": round(statistics.median(paired), 4),
             "raw_first_token_ms": round(statistics.median(s.first_token_ms for s in raw), 1),
             "kioskd_first_chunk_ms": round(statistics.median(s.first_token_ms for s in daemon), 1),
+            "kioskd_model_first_token_ms": round(
+                statistics.median(s.model_first_token_ms for s in daemon), 1
+            ),
             "first_chunk_overhead_ms_median": round(statistics.median(overheads), 2),
             "first_chunk_overhead_ms_max": round(max(overheads), 2),
             "first_chunk_overhead_ms_p99": round(_percentile(overheads, 0.99), 2),
+            "raw_gap_p99_ms": _median_gap(raw),
+            "kioskd_gap_p99_ms": _median_gap(daemon),
         }
         server = [s for s in samples if s.system == "server" and s.tokens == length]
         if server:
             server_tps = statistics.median(s.decode_tokens_per_s for s in server)
+            server_first = statistics.median(s.first_token_ms for s in server)
+            daemon_first = statistics.median(s.first_token_ms for s in daemon)
+            # kioskd and the server run back to back in every repetition: pair them too.
+            paired_server = [
+                k.decode_tokens_per_s / c.decode_tokens_per_s
+                for k, c in zip(daemon, server, strict=True)
+            ]
+            first_pairs = [
+                k.first_token_ms - c.first_token_ms for k, c in zip(daemon, server, strict=True)
+            ]
             summary[str(length)] |= {
                 "server_decode_tokens_per_s": round(server_tps, 2),
                 "ratio_server_over_raw": round(server_tps / raw_tps, 4),
                 "ratio_kioskd_over_server": round(daemon_tps / server_tps, 4),
-                "server_first_chunk_ms": round(
-                    statistics.median(s.first_token_ms for s in server), 1
+                "ratio_kioskd_over_server_median_of_pairs": round(
+                    statistics.median(paired_server), 4
                 ),
+                "server_first_chunk_ms": round(server_first, 1),
+                "first_chunk_ms_kioskd_minus_server_median_of_pairs": round(
+                    statistics.median(first_pairs), 1
+                ),
+                "ratio_first_chunk_kioskd_over_raw": round(
+                    daemon_first / statistics.median(s.first_token_ms for s in raw), 4
+                ),
+                "ratio_first_chunk_server_over_raw": round(
+                    server_first / statistics.median(s.first_token_ms for s in raw), 4
+                ),
+                "server_gap_p99_ms": _median_gap(server),
             }
     return summary
 
@@ -253,12 +309,16 @@ def run_bench(
         ):
             port = broker.port
             systems = ["raw", "kioskd"]
+            server_process: psutil.Process | None = None
             _raw_sample(engine, 8)  # warm every side before measuring
             _mqtt_sample(port, 8)
             if vs_server:
                 from daemon.bench_server import BRIDGE_PREFIX, Bridge, llama_server  # noqa: PLC0415
 
-                server_port = extra.enter_context(llama_server(workdir, resolved, thread_count))
+                server_port, server_pid = extra.enter_context(
+                    llama_server(workdir, resolved, thread_count)
+                )
+                server_process = psutil.Process(server_pid)
                 extra.enter_context(Bridge(mqtt_port=port, server_port=server_port, engine=engine))
                 _mqtt_sample(port, 8, BRIDGE_PREFIX, "server")
                 systems.append("server")
@@ -281,10 +341,12 @@ def run_bench(
                             file=sys.stderr,
                             flush=True,
                         )
-            process = psutil.Process(daemon.pid)
-            daemon_rss_mb = process.memory_info().rss / 2**20
-            idle_percent = _idle_cpu_percent(process, idle_s)
-    rss_budget_mb = _rss_budget_mb(engine, resolved)
+            processes = [psutil.Process(daemon.pid)] + ([server_process] if server_process else [])
+            rss_mib = [round(p.memory_info().rss / 2**20, 1) for p in processes]
+            # The raw loop's process also holds the MQTT client and bridge: an upper bound.
+            raw_rss_mib = round(psutil.Process().memory_info().rss / 2**20, 1)
+            idle_percent = _idle_cpu_percent(processes, idle_s)
+    rss_budget_mib = _rss_budget_mib(engine, resolved)
     engine.close()
     result = {
         "command": "kioskd bench " + " ".join(sys.argv[2:]),
@@ -292,9 +354,12 @@ def run_bench(
         "threads": thread_count,
         "reps": reps,
         "machine": {"cpu_count": os.cpu_count(), "llama_cpp_python": llama_cpp.__version__},
-        "kioskd_rss_mb": round(daemon_rss_mb, 1),
-        "rss_budget_mb": rss_budget_mb,
-        "kioskd_idle_cpu_percent_of_one_core": idle_percent,
+        "kioskd_rss_mib": rss_mib[0],
+        "rss_budget_mib": rss_budget_mib,
+        "raw_process_rss_mib": raw_rss_mib,
+        "server_rss_mib": rss_mib[1] if server_process else None,
+        "kioskd_idle_cpu_percent_of_one_core": idle_percent[0],
+        "server_idle_cpu_percent_of_one_core": idle_percent[1] if server_process else None,
         "idle_s": idle_s,
         "summary": summarize(samples, lengths),
         "samples": [asdict(s) for s in samples],

@@ -27,8 +27,11 @@ BRIDGE_PREFIX = "bench/bridge"
 
 
 @contextmanager
-def llama_server(workdir: Path, model: Path, threads: int) -> Iterator[int]:
-    """`python -m llama_cpp.server` on a free loopback port, same model and threads."""
+def llama_server(workdir: Path, model: Path, threads: int) -> Iterator[tuple[int, int]]:
+    """`python -m llama_cpp.server` on a free loopback port, same model and threads.
+
+    Yields its port and process id.
+    """
     port = free_port()
     log = (workdir / "llama-server.log").open("wb")
     process = subprocess.Popen(
@@ -64,7 +67,7 @@ def llama_server(workdir: Path, model: Path, threads: int) -> Iterator[int]:
                 time.sleep(0.2)
         else:
             raise RuntimeError(f"llama_cpp.server did not start; see {workdir}/llama-server.log")
-        yield port
+        yield port, process.pid
     finally:
         process.terminate()
         process.wait(30)

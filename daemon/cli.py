@@ -92,6 +92,25 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: decode speed with health every 1 s against telemetry off",
     )
+    bench.add_argument(
+        "--contention",
+        action="store_true",
+        help="instead: decode speed beside busy processes, OpenMP default against the unit's "
+        "passive settings (model threads default to all logical CPUs)",
+    )
+    bench.add_argument(
+        "--hogs", type=int, default=1, help="with --contention: busy processes during 'loaded'"
+    )
+    bench.add_argument(
+        "--chunking",
+        action="store_true",
+        help="instead: messages per answer, first chunk and tok/s for each stream.flush_ms",
+    )
+    bench.add_argument(
+        "--flush-ms",
+        default="0,50,200",
+        help="with --chunking: stream.flush_ms values, comma-separated",
+    )
     bench.set_defaults(handler=_bench)
     return parser
 
@@ -299,6 +318,8 @@ def _bench(args: argparse.Namespace) -> int:
     lengths = [int(n) for n in args.tokens.split(",")]
     if args.prompt_reuse or args.threads_sweep:
         return _bench_model(args)
+    if args.contention or args.chunking:
+        return _bench_load(args, max(lengths))
     if args.telemetry_overhead:
         from daemon.bench import run_telemetry_bench  # noqa: PLC0415
 
@@ -328,28 +349,36 @@ def _bench(args: argparse.Namespace) -> int:
     )
     print(
         f"model {result['model']}, {result['threads']} threads, {result['reps']} reps; "
-        f"kioskd RSS {result['kioskd_rss_mb']} MB (budget {result['rss_budget_mb']} MB), idle "
-        f"CPU {result['kioskd_idle_cpu_percent_of_one_core']} % of a core"
+        f"kioskd RSS {result['kioskd_rss_mib']} MiB (budget {result['rss_budget_mib']} MiB), "
+        f"idle CPU {result['kioskd_idle_cpu_percent_of_one_core']} % of a core"
     )
     print(
         f"{'tokens':>6} {'raw tok/s':>10} {'kioskd tok/s':>13} {'ratio':>7} {'paired':>7} "
-        f"{'overhead ms (median/p99)':>26}"
+        f"{'overhead ms (median/p99)':>26} {'gap p99 ms raw/kioskd':>22}"
     )
     for length, row in result["summary"].items():
         print(
             f"{length:>6} {row['raw_decode_tokens_per_s']:>10} "
             f"{row['kioskd_decode_tokens_per_s']:>13} {row['ratio_kioskd_over_raw']:>7} "
             f"{row['ratio_median_of_pairs']:>7} "
-            f"{row['first_chunk_overhead_ms_median']:>13} / {row['first_chunk_overhead_ms_p99']}"
+            f"{row['first_chunk_overhead_ms_median']:>13} / "
+            f"{row['first_chunk_overhead_ms_p99']:<10} "
+            f"{row['raw_gap_p99_ms']:>10} / {row['kioskd_gap_p99_ms']}"
         )
     for length, row in result["summary"].items():
         if "server_decode_tokens_per_s" in row:
             print(
                 f"{length:>6} llama_cpp.server + bridge: {row['server_decode_tokens_per_s']} "
                 f"tok/s, first chunk {row['server_first_chunk_ms']} ms (kioskd "
-                f"{row['kioskd_first_chunk_ms']} ms); kioskd/server "
-                f"{row['ratio_kioskd_over_server']}"
+                f"{row['kioskd_first_chunk_ms']} ms), gap p99 {row['server_gap_p99_ms']} ms; "
+                f"kioskd/server {row['ratio_kioskd_over_server']} (paired "
+                f"{row['ratio_kioskd_over_server_median_of_pairs']})"
             )
+    if result["server_rss_mib"] is not None:
+        print(
+            f"llama_cpp.server RSS {result['server_rss_mib']} MiB, idle CPU "
+            f"{result['server_idle_cpu_percent_of_one_core']} % of a core"
+        )
     try:
         from daemon.bench_chart import render  # noqa: PLC0415
 
@@ -357,6 +386,34 @@ def _bench(args: argparse.Namespace) -> int:
     except ImportError:
         print("no chart: install the bench extra (pip install -e '.[bench]') for matplotlib")
     print(f"full results: {args.out / 'bench.json'}")
+    return exitcodes.OK
+
+
+def _bench_load(args: argparse.Namespace, tokens: int) -> int:
+    from daemon import bench_load  # noqa: PLC0415 - starts daemons that load llama.cpp
+
+    if args.contention:
+        contention = bench_load.run_contention_bench(
+            reps=args.reps,
+            tokens=tokens,
+            threads=args.threads,
+            hogs=args.hogs,
+            model=args.model,
+            out_dir=args.out,
+        )
+        print(bench_load.render_contention(contention))
+        print(f"full results: {args.out / 'bench-contention.json'}")
+    if args.chunking:
+        chunking = bench_load.run_chunking_bench(
+            reps=args.reps,
+            tokens=tokens,
+            threads=args.threads,
+            flushes_ms=[float(ms) for ms in args.flush_ms.split(",")],
+            model=args.model,
+            out_dir=args.out,
+        )
+        print(bench_load.render_chunking(chunking))
+        print(f"full results: {args.out / 'bench-chunking.json'}")
     return exitcodes.OK
 
 

@@ -1,0 +1,440 @@
+"""`kioskd bench --contention` and `--chunking`: decode beside other CPU load, chunk batching.
+
+Both start several kioskd daemons on one private broker, identical except for the setting under
+test, and ask them in turn, rotating the order every repetition so that this machine's drift
+hits every variant alike (the pattern of `run_telemetry_bench`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+
+from daemon.asker import Answer, ask
+from daemon.bench import QUESTION, _daemon, _mqtt_sample, _percentile
+from daemon.config import default_threads
+from daemon.localbroker import LocalBroker, free_port
+from daemon.models import resolve
+
+# None unsets the variable: "default" is libgomp as shipped, whatever the calling shell has set.
+# "passive" is exactly what systemd/kioskd.service sets.
+OPENMP_VARIANTS: dict[str, dict[str, str | None]] = {
+    "default": {"GOMP_SPINCOUNT": None, "OMP_WAIT_POLICY": None},
+    "passive": {"GOMP_SPINCOUNT": "0", "OMP_WAIT_POLICY": "PASSIVE"},
+}
+LOADS = ("quiet", "loaded")
+# A hog needs a moment to start Python and reach its loop; the question should meet it spinning.
+_HOG_SETTLE_S = 0.3
+
+Cell = TypeVar("Cell")
+
+
+def _rotated(cells: Sequence[Cell], rep: int) -> list[Cell]:
+    """The cells in an order that starts one later every repetition, so none always goes first."""
+    shift = rep % len(cells)
+    return [*cells[shift:], *cells[:shift]]
+
+
+def _command() -> str:
+    return "kioskd bench " + " ".join(sys.argv[2:])
+
+
+def _machine() -> dict[str, Any]:
+    return {"cpu_count": os.cpu_count(), "llama_cpp_python": version("llama-cpp-python")}
+
+
+def _write(result: dict[str, Any], out_dir: Path, name: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / name).write_text(json.dumps(result, indent=2))
+
+
+# --- contention ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContentionSample:
+    rep: int
+    variant: str  # a key of OPENMP_VARIANTS
+    load: str  # "quiet" or "loaded"
+    decode_tokens_per_s: float
+    first_chunk_ms: float  # as the client sees it, so prefill under the same load is in it
+
+
+@contextmanager
+def cpu_hogs(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`count` busy-looping processes, killed on the way out whatever happens inside."""
+    hogs: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(count):
+            hogs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL
+                )
+            )
+        if hogs:
+            time.sleep(_HOG_SETTLE_S)
+        yield hogs
+    finally:
+        for hog in hogs:
+            hog.kill()
+        for hog in hogs:
+            hog.wait()
+
+
+def _openmp_of(pid: int) -> dict[str, Any]:
+    """The OpenMP runtime a daemon has mapped and the OpenMP variables it really got.
+
+    The settings act only on an OpenMP runtime (this llama-cpp-python build links libgomp), and
+    reading them back from the process shows the "default" variant ran without them.
+    """
+    process = psutil.Process(pid)
+    runtime = None
+    for region in process.memory_maps(grouped=True):
+        name = Path(region.path).name
+        if name.startswith(("libgomp", "libomp", "libiomp")):
+            runtime = name
+    return {"runtime": runtime, "env": _openmp_env(process.environ())}
+
+
+def _openmp_env(environ: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in environ.items() if key.startswith(("OMP_", "GOMP_"))}
+
+
+def _contention_sample(
+    port: int, tokens: int, *, variant: str, load: str, hogs: int, rep: int
+) -> ContentionSample:
+    with cpu_hogs(hogs if load == "loaded" else 0):
+        sample = _mqtt_sample(port, tokens, _variant_prefix(variant), variant)
+    return ContentionSample(
+        rep, variant, load, sample.decode_tokens_per_s, round(sample.first_token_ms, 1)
+    )
+
+
+def _variant_prefix(variant: str) -> str:
+    return f"bench/openmp-{variant}"
+
+
+def _ratio(numerators: list[float], denominators: list[float]) -> dict[str, float]:
+    """Ratio of the medians, and the median of the per-repetition ratios (cancels drift)."""
+    pairs = [n / d for n, d in zip(numerators, denominators, strict=True)]
+    return {
+        "ratio_of_medians": round(
+            statistics.median(numerators) / statistics.median(denominators), 3
+        ),
+        "ratio_median_of_pairs": round(statistics.median(pairs), 3),
+    }
+
+
+def contention_summary(samples: list[ContentionSample]) -> dict[str, Any]:
+    def rates(variant: str, load: str) -> list[float]:
+        # Samples are in repetition order, so the lists pair up by repetition.
+        return [s.decode_tokens_per_s for s in samples if (s.variant, s.load) == (variant, load)]
+
+    summary: dict[str, Any] = {}
+    for variant in OPENMP_VARIANTS:
+        quiet, loaded = rates(variant, "quiet"), rates(variant, "loaded")
+        loss = _ratio(loaded, quiet)
+        summary[variant] = {
+            "quiet_tokens_per_s_median": round(statistics.median(quiet), 2),
+            "loaded_tokens_per_s_median": round(statistics.median(loaded), 2),
+            "loaded_over_quiet": loss["ratio_of_medians"],
+            "loaded_over_quiet_median_of_pairs": loss["ratio_median_of_pairs"],
+        }
+    for load in LOADS:
+        summary[f"passive_over_default_{load}"] = _ratio(
+            rates("passive", load), rates("default", load)
+        )
+    return summary
+
+
+def run_contention_bench(
+    *,
+    reps: int,
+    tokens: int,
+    threads: int | None,
+    hogs: int,
+    model: str | None,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Decode speed with and without `hogs` busy processes, libgomp's default against passive."""
+    resolved = resolve(model).path
+    # The collapse needs the model's threads to want every core while something else wants one.
+    thread_count = threads or os.cpu_count() or 1
+    cells = [(variant, load) for variant in OPENMP_VARIANTS for load in LOADS]
+    samples: list[ContentionSample] = []
+    openmp: dict[str, dict[str, Any]] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="kioskd-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        workdir = Path(tmp)
+        broker = stack.enter_context(LocalBroker(free_port(), workdir))
+        for variant, env in OPENMP_VARIANTS.items():
+            daemon = stack.enter_context(
+                _daemon(
+                    workdir,
+                    broker.port,
+                    resolved,
+                    thread_count,
+                    tokens,
+                    prefix=_variant_prefix(variant),
+                    env=env,
+                )
+            )
+            openmp[variant] = _openmp_of(daemon.pid)
+        for rep in range(reps):
+            for variant, load in _rotated(cells, rep):
+                sample = _contention_sample(
+                    broker.port, tokens, variant=variant, load=load, hogs=hogs, rep=rep
+                )
+                samples.append(sample)
+                print(
+                    f"rep {rep + 1}/{reps} {variant:8} {load:6} {sample.decode_tokens_per_s:6.1f} "
+                    f"tok/s, first {sample.first_chunk_ms:6.1f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    result = {
+        "command": _command(),
+        "model": str(resolved),
+        "threads": thread_count,
+        "hogs": hogs,
+        "tokens": tokens,
+        "reps": reps,
+        "machine": _machine(),
+        "variant_env": OPENMP_VARIANTS,  # null: removed from the daemon's environment
+        "caller_openmp_env": _openmp_env(dict(os.environ)),
+        # What each daemon really ran with; other OpenMP settings of the caller reach both.
+        "daemon_openmp": openmp,
+        "summary": contention_summary(samples),
+        "samples": [asdict(s) for s in samples],
+    }
+    _write(result, out_dir, "bench-contention.json")
+    return result
+
+
+def render_contention(result: dict[str, Any]) -> str:
+    """The contention summary as a short table."""
+    summary = result["summary"]
+    lines = [
+        f"{result['tokens']} tokens, {result['threads']} model threads, {result['hogs']} hog(s), "
+        f"{result['reps']} reps",
+        f"{'variant':<8} {'quiet tok/s':>11} {'loaded tok/s':>12} {'loaded/quiet':>12} "
+        f"{'paired':>7}",
+    ]
+    for variant in OPENMP_VARIANTS:
+        row = summary[variant]
+        lines.append(
+            f"{variant:<8} {row['quiet_tokens_per_s_median']:>11} "
+            f"{row['loaded_tokens_per_s_median']:>12} {row['loaded_over_quiet']:>12} "
+            f"{row['loaded_over_quiet_median_of_pairs']:>7}"
+        )
+    for load in LOADS:
+        ratio = summary[f"passive_over_default_{load}"]
+        lines.append(
+            f"passive/default {load}: {ratio['ratio_of_medians']} "
+            f"(median of pairs {ratio['ratio_median_of_pairs']})"
+        )
+    return "\n".join(lines)
+
+
+# --- chunking -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkingSample:
+    rep: int
+    flush_ms: float
+    completion_tokens: int
+    chunk_messages: int
+    all_messages: int  # every message of the answer: chunks and the done
+    tokens_per_chunk: float
+    first_chunk_ms: float  # question sent -> first chunk arrived
+    end_to_end_tokens_per_s: float  # completion tokens / (question sent -> done arrived)
+    # (tokens - 1) / (first -> last chunk): inflated when chunks are batched, since the first
+    # chunk comes late and the last one together with the done; None with a single chunk.
+    chunk_decode_tokens_per_s: float | None
+    chunk_gap_ms_p99: float | None  # between consecutive chunk arrivals; None with one chunk
+    # done.timing.tokens_per_s: the model's own decode rate, untouched by batching; it tells a
+    # slower model from slower delivery.
+    model_decode_tokens_per_s: float | None
+    text_matches: bool  # the chunks' texts joined equal done.text
+
+
+def _flush_prefix(flush_ms: float) -> str:
+    return f"bench/flush-{flush_ms:g}ms"
+
+
+def _chunk_gaps_ms(arrivals: list[float]) -> list[float]:
+    return [(later - earlier) * 1000 for earlier, later in itertools.pairwise(arrivals)]
+
+
+def _chunking_sample(port: int, tokens: int, flush_ms: float, rep: int) -> ChunkingSample:
+    answer: Answer = ask(
+        QUESTION,
+        host="127.0.0.1",
+        port=port,
+        prefix=_flush_prefix(flush_ms),
+        max_tokens=tokens,
+        temperature=0.0,
+        timeout_s=600,
+    )
+    final = answer.final
+    if final is None or final.get("type") != "done" or answer.first_chunk_monotonic is None:
+        raise RuntimeError(f"kioskd (flush_ms {flush_ms:g}) did not answer properly: {final}")
+    chunks = [
+        (arrived, message["text"])
+        for arrived, message in zip(answer.arrivals_monotonic, answer.messages, strict=True)
+        if message["type"] == "chunk"
+    ]
+    arrivals = [arrived for arrived, _ in chunks]
+    completion = int(final["usage"]["completion_tokens"])
+    done_s = answer.arrivals_monotonic[-1] - answer.sent_monotonic
+    span_s = arrivals[-1] - arrivals[0]
+    gaps_ms = _chunk_gaps_ms(arrivals)
+    return ChunkingSample(
+        rep=rep,
+        flush_ms=flush_ms,
+        completion_tokens=completion,
+        chunk_messages=len(chunks),
+        all_messages=len(answer.messages),
+        tokens_per_chunk=round(completion / len(chunks), 3),
+        first_chunk_ms=round((answer.first_chunk_monotonic - answer.sent_monotonic) * 1000, 2),
+        end_to_end_tokens_per_s=round(completion / done_s, 2),
+        chunk_decode_tokens_per_s=round((completion - 1) / span_s, 2) if span_s > 0 else None,
+        chunk_gap_ms_p99=round(_percentile(gaps_ms, 0.99), 2) if gaps_ms else None,
+        model_decode_tokens_per_s=_rounded(final["timing"]["tokens_per_s"]),
+        text_matches="".join(text for _, text in chunks) == final["text"],
+    )
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 2)
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 2) if present else None
+
+
+def chunking_summary(samples: list[ChunkingSample], flushes_ms: list[float]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for flush_ms in flushes_ms:
+        rows = [s for s in samples if s.flush_ms == flush_ms]
+        summary[f"{flush_ms:g}"] = {
+            "chunk_messages_median": statistics.median(s.chunk_messages for s in rows),
+            "all_messages_median": statistics.median(s.all_messages for s in rows),
+            "tokens_per_chunk_median": round(
+                statistics.median(s.tokens_per_chunk for s in rows), 2
+            ),
+            "first_chunk_ms_median": round(statistics.median(s.first_chunk_ms for s in rows), 1),
+            "end_to_end_tokens_per_s_median": round(
+                statistics.median(s.end_to_end_tokens_per_s for s in rows), 2
+            ),
+            "chunk_decode_tokens_per_s_median": _median_or_none(
+                [s.chunk_decode_tokens_per_s for s in rows]
+            ),
+            "chunk_gap_ms_p99_median": _median_or_none([s.chunk_gap_ms_p99 for s in rows]),
+            "model_decode_tokens_per_s_median": _median_or_none(
+                [s.model_decode_tokens_per_s for s in rows]
+            ),
+            "text_mismatches": sum(not s.text_matches for s in rows),
+        }
+    return summary
+
+
+def run_chunking_bench(
+    *,
+    reps: int,
+    tokens: int,
+    threads: int | None,
+    flushes_ms: list[float],
+    model: str | None,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Messages per answer, latency and speed for each stream.flush_ms, one daemon each."""
+    resolved = resolve(model).path
+    thread_count = threads or default_threads()
+    samples: list[ChunkingSample] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="kioskd-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        workdir = Path(tmp)
+        broker = stack.enter_context(LocalBroker(free_port(), workdir))
+        for flush_ms in flushes_ms:
+            stack.enter_context(
+                _daemon(
+                    workdir,
+                    broker.port,
+                    resolved,
+                    thread_count,
+                    tokens,
+                    prefix=_flush_prefix(flush_ms),
+                    stream={"flush_ms": flush_ms},
+                )
+            )
+        for rep in range(reps):
+            for flush_ms in _rotated(flushes_ms, rep):
+                sample = _chunking_sample(broker.port, tokens, flush_ms, rep)
+                samples.append(sample)
+                print(
+                    f"rep {rep + 1}/{reps} flush {flush_ms:5g} ms: {sample.chunk_messages:4} "
+                    f"chunks, first {sample.first_chunk_ms:6.1f} ms, "
+                    f"{sample.end_to_end_tokens_per_s:6.1f} tok/s end to end",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    result = {
+        "command": _command(),
+        "model": str(resolved),
+        "threads": thread_count,
+        "tokens": tokens,
+        "reps": reps,
+        "flushes_ms": flushes_ms,
+        "machine": _machine(),
+        "summary": chunking_summary(samples, flushes_ms),
+        "samples": [asdict(s) for s in samples],
+    }
+    _write(result, out_dir, "bench-chunking.json")
+    return result
+
+
+def render_chunking(result: dict[str, Any]) -> str:
+    """The chunking summary as a short table (medians over the repetitions)."""
+    lines = [
+        f"{result['tokens']} tokens, {result['threads']} model threads, {result['reps']} reps",
+        f"{'flush ms':>8} {'chunks':>6} {'msgs':>5} {'tok/chunk':>9} {'first ms':>8} "
+        f"{'e2e tok/s':>9} {'chunk tok/s*':>12} {'model tok/s':>11} {'gap p99 ms':>10} "
+        f"{'mismatch':>8}",
+    ]
+    for flush, row in result["summary"].items():
+        lines.append(
+            f"{flush:>8} {row['chunk_messages_median']:>6} {row['all_messages_median']:>5} "
+            f"{row['tokens_per_chunk_median']:>9} {row['first_chunk_ms_median']:>8} "
+            f"{row['end_to_end_tokens_per_s_median']:>9} "
+            f"{_show(row['chunk_decode_tokens_per_s_median']):>12} "
+            f"{_show(row['model_decode_tokens_per_s_median']):>11} "
+            f"{_show(row['chunk_gap_ms_p99_median']):>10} {row['text_mismatches']:>8}"
+        )
+    lines.append("* first to last chunk: overstated when chunks are batched")
+    return "\n".join(lines)
+
+
+def _show(value: object) -> str:
+    return "-" if value is None else str(value)
