@@ -1,7 +1,8 @@
-"""`kioskd bench --contention` and `--chunking`: decode beside other CPU load, chunk batching.
+"""`kioskd bench --chunking` (messages per answer for each stream.flush_ms), and the helpers
+the multi-daemon benchmarks share.
 
-Both start several kioskd daemons on one private broker, identical except for the setting under
-test, and ask them in turn, rotating the order every repetition so that this machine's drift
+Several kioskd daemons run on one private broker, identical except for the setting under
+test, and are asked in turn, rotating the order every repetition so that this machine's drift
 hits every variant alike (the pattern of `run_telemetry_bench`).
 """
 
@@ -12,34 +13,19 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
-import psutil
-
 from daemon.asker import Answer, ask
-from daemon.bench import QUESTION, _daemon, _mqtt_sample, _percentile
+from daemon.bench import QUESTION, _daemon, _percentile
 from daemon.config import default_threads
 from daemon.localbroker import LocalBroker, free_port
 from daemon.models import resolve
-
-# None unsets the variable: "default" is libgomp as shipped, whatever the calling shell has set.
-# "passive" is exactly what systemd/kioskd.service sets.
-OPENMP_VARIANTS: dict[str, dict[str, str | None]] = {
-    "default": {"GOMP_SPINCOUNT": None, "OMP_WAIT_POLICY": None},
-    "passive": {"GOMP_SPINCOUNT": "0", "OMP_WAIT_POLICY": "PASSIVE"},
-}
-LOADS = ("quiet", "loaded")
-# A hog needs a moment to start Python and reach its loop; the question should meet it spinning.
-_HOG_SETTLE_S = 0.3
 
 Cell = TypeVar("Cell")
 
@@ -61,199 +47,6 @@ def _machine() -> dict[str, Any]:
 def _write(result: dict[str, Any], out_dir: Path, name: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / name).write_text(json.dumps(result, indent=2))
-
-
-# --- contention ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ContentionSample:
-    rep: int
-    variant: str  # a key of OPENMP_VARIANTS
-    load: str  # "quiet" or "loaded"
-    decode_tokens_per_s: float
-    first_chunk_ms: float  # as the client sees it, so prefill under the same load is in it
-
-
-@contextmanager
-def cpu_hogs(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """`count` busy-looping processes, killed on the way out whatever happens inside."""
-    hogs: list[subprocess.Popen[bytes]] = []
-    try:
-        for _ in range(count):
-            hogs.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL
-                )
-            )
-        if hogs:
-            time.sleep(_HOG_SETTLE_S)
-        yield hogs
-    finally:
-        for hog in hogs:
-            hog.kill()
-        for hog in hogs:
-            hog.wait()
-
-
-def _openmp_of(pid: int) -> dict[str, Any]:
-    """The OpenMP runtime a daemon has mapped and the OpenMP variables it really got.
-
-    The settings act only on an OpenMP runtime (this llama-cpp-python build links libgomp), and
-    reading them back from the process shows the "default" variant ran without them.
-    """
-    process = psutil.Process(pid)
-    runtime = None
-    for region in process.memory_maps(grouped=True):
-        name = Path(region.path).name
-        if name.startswith(("libgomp", "libomp", "libiomp")):
-            runtime = name
-    return {"runtime": runtime, "env": _openmp_env(process.environ())}
-
-
-def _openmp_env(environ: dict[str, str]) -> dict[str, str]:
-    return {key: value for key, value in environ.items() if key.startswith(("OMP_", "GOMP_"))}
-
-
-def _contention_sample(
-    port: int, tokens: int, *, variant: str, load: str, hogs: int, rep: int
-) -> ContentionSample:
-    with cpu_hogs(hogs if load == "loaded" else 0):
-        sample = _mqtt_sample(port, tokens, _variant_prefix(variant), variant)
-    return ContentionSample(
-        rep, variant, load, sample.decode_tokens_per_s, round(sample.first_token_ms, 1)
-    )
-
-
-def _variant_prefix(variant: str) -> str:
-    return f"bench/openmp-{variant}"
-
-
-def _ratio(numerators: list[float], denominators: list[float]) -> dict[str, float]:
-    """Ratio of the medians, and the median of the per-repetition ratios (cancels drift)."""
-    pairs = [n / d for n, d in zip(numerators, denominators, strict=True)]
-    return {
-        "ratio_of_medians": round(
-            statistics.median(numerators) / statistics.median(denominators), 3
-        ),
-        "ratio_median_of_pairs": round(statistics.median(pairs), 3),
-    }
-
-
-def contention_summary(samples: list[ContentionSample]) -> dict[str, Any]:
-    def rates(variant: str, load: str) -> list[float]:
-        # Samples are in repetition order, so the lists pair up by repetition.
-        return [s.decode_tokens_per_s for s in samples if (s.variant, s.load) == (variant, load)]
-
-    summary: dict[str, Any] = {}
-    for variant in OPENMP_VARIANTS:
-        quiet, loaded = rates(variant, "quiet"), rates(variant, "loaded")
-        loss = _ratio(loaded, quiet)
-        summary[variant] = {
-            "quiet_tokens_per_s_median": round(statistics.median(quiet), 2),
-            "loaded_tokens_per_s_median": round(statistics.median(loaded), 2),
-            "loaded_over_quiet": loss["ratio_of_medians"],
-            "loaded_over_quiet_median_of_pairs": loss["ratio_median_of_pairs"],
-        }
-    for load in LOADS:
-        summary[f"passive_over_default_{load}"] = _ratio(
-            rates("passive", load), rates("default", load)
-        )
-    return summary
-
-
-def run_contention_bench(
-    *,
-    reps: int,
-    tokens: int,
-    threads: int | None,
-    hogs: int,
-    model: str | None,
-    out_dir: Path,
-) -> dict[str, Any]:
-    """Decode speed with and without `hogs` busy processes, libgomp's default against passive."""
-    resolved = resolve(model).path
-    # The collapse needs the model's threads to want every core while something else wants one.
-    thread_count = threads or os.cpu_count() or 1
-    cells = [(variant, load) for variant in OPENMP_VARIANTS for load in LOADS]
-    samples: list[ContentionSample] = []
-    openmp: dict[str, dict[str, Any]] = {}
-    with (
-        tempfile.TemporaryDirectory(prefix="kioskd-bench-") as tmp,
-        contextlib.ExitStack() as stack,
-    ):
-        workdir = Path(tmp)
-        broker = stack.enter_context(LocalBroker(free_port(), workdir))
-        for variant, env in OPENMP_VARIANTS.items():
-            daemon = stack.enter_context(
-                _daemon(
-                    workdir,
-                    broker.port,
-                    resolved,
-                    thread_count,
-                    tokens,
-                    prefix=_variant_prefix(variant),
-                    env=env,
-                )
-            )
-            openmp[variant] = _openmp_of(daemon.pid)
-        for rep in range(reps):
-            for variant, load in _rotated(cells, rep):
-                sample = _contention_sample(
-                    broker.port, tokens, variant=variant, load=load, hogs=hogs, rep=rep
-                )
-                samples.append(sample)
-                print(
-                    f"rep {rep + 1}/{reps} {variant:8} {load:6} {sample.decode_tokens_per_s:6.1f} "
-                    f"tok/s, first {sample.first_chunk_ms:6.1f} ms",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    result = {
-        "command": _command(),
-        "model": str(resolved),
-        "threads": thread_count,
-        "hogs": hogs,
-        "tokens": tokens,
-        "reps": reps,
-        "machine": _machine(),
-        "variant_env": OPENMP_VARIANTS,  # null: removed from the daemon's environment
-        "caller_openmp_env": _openmp_env(dict(os.environ)),
-        # What each daemon really ran with; other OpenMP settings of the caller reach both.
-        "daemon_openmp": openmp,
-        "summary": contention_summary(samples),
-        "samples": [asdict(s) for s in samples],
-    }
-    _write(result, out_dir, "bench-contention.json")
-    return result
-
-
-def render_contention(result: dict[str, Any]) -> str:
-    """The contention summary as a short table."""
-    summary = result["summary"]
-    lines = [
-        f"{result['tokens']} tokens, {result['threads']} model threads, {result['hogs']} hog(s), "
-        f"{result['reps']} reps",
-        f"{'variant':<8} {'quiet tok/s':>11} {'loaded tok/s':>12} {'loaded/quiet':>12} "
-        f"{'paired':>7}",
-    ]
-    for variant in OPENMP_VARIANTS:
-        row = summary[variant]
-        lines.append(
-            f"{variant:<8} {row['quiet_tokens_per_s_median']:>11} "
-            f"{row['loaded_tokens_per_s_median']:>12} {row['loaded_over_quiet']:>12} "
-            f"{row['loaded_over_quiet_median_of_pairs']:>7}"
-        )
-    for load in LOADS:
-        ratio = summary[f"passive_over_default_{load}"]
-        lines.append(
-            f"passive/default {load}: {ratio['ratio_of_medians']} "
-            f"(median of pairs {ratio['ratio_median_of_pairs']})"
-        )
-    return "\n".join(lines)
-
-
-# --- chunking -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

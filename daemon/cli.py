@@ -102,6 +102,19 @@ def _parser() -> argparse.ArgumentParser:
         "--hogs", type=int, default=1, help="with --contention: busy processes during 'loaded'"
     )
     bench.add_argument(
+        "--omp-variants",
+        default="default,passive",
+        help="with --contention: OpenMP settings to compare, comma-separated, from default, "
+        "passive, spin-10k, spin-100k (GOMP_SPINCOUNT)",
+    )
+    bench.add_argument(
+        "--cpu-quota",
+        type=float,
+        metavar="PERCENT",
+        help="with --contention: run each daemon in its own new cgroup limited to PERCENT %% of "
+        "one CPU (150: 1.5 cores), as systemd's CPUQuota=; needs root",
+    )
+    bench.add_argument(
         "--chunking",
         action="store_true",
         help="instead: messages per answer, first chunk and tok/s for each stream.flush_ms",
@@ -390,18 +403,30 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_load(args: argparse.Namespace, tokens: int) -> int:
-    from daemon import bench_load  # noqa: PLC0415 - starts daemons that load llama.cpp
+    # Imported here: these start daemons that load llama.cpp.
+    from daemon import bench_cgroup, bench_contention, bench_load  # noqa: PLC0415
 
     if args.contention:
-        contention = bench_load.run_contention_bench(
-            reps=args.reps,
-            tokens=tokens,
-            threads=args.threads,
-            hogs=args.hogs,
-            model=args.model,
-            out_dir=args.out,
-        )
-        print(bench_load.render_contention(contention))
+        try:
+            variants = bench_contention.parse_variants(args.omp_variants)
+        except ValueError as error:
+            print(f"kioskd bench: {error}", file=sys.stderr)
+            return exitcodes.FAILURE
+        try:
+            contention = bench_contention.run_contention_bench(
+                reps=args.reps,
+                tokens=tokens,
+                threads=args.threads,
+                hogs=args.hogs,
+                model=args.model,
+                out_dir=args.out,
+                variants=variants,
+                cpu_quota=args.cpu_quota,
+            )
+        except bench_cgroup.CgroupError as error:
+            print(f"kioskd bench: {error}", file=sys.stderr)
+            return exitcodes.FAILURE
+        print(bench_contention.render_contention(contention))
         print(f"full results: {args.out / 'bench-contention.json'}")
     if args.chunking:
         chunking = bench_load.run_chunking_bench(
