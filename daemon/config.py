@@ -206,7 +206,9 @@ class StreamConfig:
     """How answer text is cut into chunk messages."""
 
     flush_ms: float = _key(
-        0.0, "gather text for this long per chunk (0 = every token at once)", _between(0, 5000)
+        0.0,
+        "after the first chunk, gather text for this long per chunk (0 = every token at once)",
+        _between(0, 5000),
     )
     max_chunk_chars: int | None = _key(
         None, "longest chunk text in characters; null = no limit", _at_least(1)

@@ -93,10 +93,11 @@ class ReplyStream:
 class ChunkBuffer:
     """Turns token texts into `chunk` messages: each at once, or gathered for slow links.
 
-    With flush_ms 0 every token's text goes out as it comes (the first chunk never waits).
-    Otherwise text is gathered until flush_ms has passed since the first unsent piece (checked
-    as tokens arrive) or max_chars are waiting; `flush()` sends the rest before the terminal
-    message, so the chunks still add up to done.text.
+    With flush_ms 0 every token's text goes out as it comes. Otherwise the answer's first text
+    still goes out at once (a reader sees the kiosk start answering without waiting flush_ms;
+    it costs one message), and later text is gathered until flush_ms has passed since the first
+    unsent piece (checked as tokens arrive) or max_chars are waiting; `flush()` sends the rest
+    before the terminal message, so the chunks still add up to done.text.
     """
 
     def __init__(self, stream: ReplyStream, *, flush_ms: float, max_chars: int | None) -> None:
@@ -106,6 +107,7 @@ class ChunkBuffer:
         self._pending: list[str] = []
         self._pending_chars = 0
         self._first_pending = 0.0
+        self._sent_any = False
 
     def add(self, text: str) -> None:
         if not self._pending:
@@ -113,7 +115,8 @@ class ChunkBuffer:
         self._pending.append(text)
         self._pending_chars += len(text)
         if (
-            self._flush_s == 0
+            not self._sent_any
+            or self._flush_s == 0
             or time.monotonic() - self._first_pending >= self._flush_s
             or (self._max_chars is not None and self._pending_chars >= self._max_chars)
         ):
@@ -125,6 +128,7 @@ class ChunkBuffer:
         text = "".join(self._pending)
         self._pending.clear()
         self._pending_chars = 0
+        self._sent_any = True
         step = self._max_chars or len(text)
         for start in range(0, len(text), step):
             self._stream.send(Chunk(text[start : start + step]))

@@ -146,7 +146,8 @@ def test_chunk_buffer_gathers_for_flush_ms_and_caps_length() -> None:
     texts = [str(m["text"]) for m in recorder.sent]
     assert "".join(texts) == "abcdefghi"
     assert all(len(text) <= 5 for text in texts)
-    assert texts[0] == "abcde", "nothing went out before 5 characters were waiting"
+    assert texts[0] == "ab", "the answer's first text goes out at once"
+    assert texts[1] == "cdefg", "later text waits until 5 characters are waiting"
     immediate = Recorder()
     at_once = ChunkBuffer(ReplyStream(immediate, "k/answer/e", "e"), flush_ms=0, max_chars=None)
     at_once.add("x")
