@@ -387,6 +387,15 @@ def _bench(args: argparse.Namespace) -> int:
                 f"kioskd/server {row['ratio_kioskd_over_server']} (paired "
                 f"{row['ratio_kioskd_over_server_median_of_pairs']})"
             )
+    pooled = result["first_chunk_all_lengths"]
+    if pooled is not None:
+        print(
+            f"first chunk over all lengths ({pooled['samples_per_system']} answers each): kioskd "
+            f"{pooled['kioskd_ms_median']} ms, server {pooled['server_ms_median']} ms, raw "
+            f"{pooled['raw_ms_median']} ms; kioskd - server "
+            f"{pooled['kioskd_minus_server_ms_median_of_pairs']} ms (median of pairs), kioskd "
+            f"sooner in {pooled['kioskd_sooner_in_pairs']}"
+        )
     if result["server_rss_mib"] is not None:
         print(
             f"llama_cpp.server RSS {result['server_rss_mib']} MiB, idle CPU "

@@ -49,3 +49,4 @@ def test_bench_measures_both_systems_and_writes_its_figures(
     assert figures["rss_budget_mib"] > model_mib + 95
     assert figures["kioskd_idle_cpu_percent_of_one_core"] >= 0
     assert figures["server_rss_mib"] is None
+    assert figures["first_chunk_all_lengths"] is None  # kioskd against the server only
