@@ -137,18 +137,28 @@ def _raw_sample(engine: Engine, tokens: int) -> Sample:
     count, first = len(arrivals), arrivals[0]
     first_ms = (first - started) * 1000
     decode = (count - 1) / (arrivals[-1] - first)
-    return Sample("raw", count, decode, first_ms, first_ms, None, _gap_p99_ms(arrivals))
+    return Sample("raw", count, decode, first_ms, first_ms, None, gap_p99_ms(arrivals))
 
 
-def _gap_p99_ms(arrivals: list[float]) -> float | None:
+def gap_p99_ms(arrivals: list[float]) -> float | None:
+    """p99 of the times between consecutive arrivals, in ms (None with fewer than two)."""
     gaps = [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)]
     return round(_percentile(gaps, 0.99), 2) if gaps else None
 
 
-def _mqtt_sample(
-    port: int, tokens: int, prefix: str = "bench/kiosk", system: str = "kioskd"
-) -> Sample:
-    """Ask over MQTT (kioskd, or the bridge in front of llama_cpp.server) and time the stream."""
+@dataclass(frozen=True)
+class Streamed:
+    """One question's complete answer stream, as the client received it."""
+
+    answer: Answer
+    final: dict[str, Any]  # the done message
+    chunk_arrivals: list[float]  # monotonic arrival time of each chunk
+    chunk_texts: list[str]
+    first_chunk_ms: float  # from publishing the question to the first chunk's arrival
+
+
+def ask_streamed(port: int, tokens: int, prefix: str) -> Streamed:
+    """Ask QUESTION over MQTT at temperature 0; anything but a streamed `done` raises."""
     answer: Answer = ask(
         QUESTION,
         host="127.0.0.1",
@@ -160,18 +170,28 @@ def _mqtt_sample(
     )
     final = answer.final
     if final is None or final.get("type") != "done" or answer.first_chunk_monotonic is None:
-        raise RuntimeError(f"kioskd did not answer properly: {final}")
-    chunk_arrivals = [
-        t
-        for t, m in zip(answer.arrivals_monotonic, answer.messages, strict=True)
-        if m["type"] == "chunk"
+        raise RuntimeError(f"{prefix} did not answer properly: {final}")
+    chunks = [
+        (arrived, str(message["text"]))
+        for arrived, message in zip(answer.arrivals_monotonic, answer.messages, strict=True)
+        if message["type"] == "chunk"
     ]
+    first_chunk_ms = (answer.first_chunk_monotonic - answer.sent_monotonic) * 1000
+    return Streamed(answer, final, [a for a, _ in chunks], [t for _, t in chunks], first_chunk_ms)
+
+
+def _mqtt_sample(
+    port: int, tokens: int, prefix: str = "bench/kiosk", system: str = "kioskd"
+) -> Sample:
+    """Ask over MQTT (kioskd, or the bridge in front of llama_cpp.server) and time the stream."""
+    streamed = ask_streamed(port, tokens, prefix)
+    final, chunk_arrivals = streamed.final, streamed.chunk_arrivals
     completion = int(final["usage"]["completion_tokens"])
     # Tokens after the first, over the time between the first and the last chunk's arrival.
     decode = (completion - 1) / (chunk_arrivals[-1] - chunk_arrivals[0])
-    client_first_ms = (answer.first_chunk_monotonic - answer.sent_monotonic) * 1000
+    client_first_ms = streamed.first_chunk_ms
     timing = final["timing"]
-    gap_ms = _gap_p99_ms(chunk_arrivals)
+    gap_ms = gap_p99_ms(chunk_arrivals)
     if timing["first_token_ms"] is None:  # the bridge cannot see the model's own timing
         return Sample(system, tokens, decode, client_first_ms, client_first_ms, None, gap_ms)
     model_first_ms = float(timing["first_token_ms"]) - float(timing["queued_ms"])

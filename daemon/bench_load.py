@@ -9,7 +9,6 @@ hits every variant alike (the pattern of `run_telemetry_bench`).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import statistics
@@ -21,8 +20,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
-from daemon.asker import Answer, ask
-from daemon.bench import QUESTION, _daemon, _percentile
+from daemon.bench import _daemon, ask_streamed, gap_p99_ms
 from daemon.config import default_threads
 from daemon.localbroker import LocalBroker, free_port
 from daemon.models import resolve
@@ -73,46 +71,25 @@ def _flush_prefix(flush_ms: float) -> str:
     return f"bench/flush-{flush_ms:g}ms"
 
 
-def _chunk_gaps_ms(arrivals: list[float]) -> list[float]:
-    return [(later - earlier) * 1000 for earlier, later in itertools.pairwise(arrivals)]
-
-
 def _chunking_sample(port: int, tokens: int, flush_ms: float, rep: int) -> ChunkingSample:
-    answer: Answer = ask(
-        QUESTION,
-        host="127.0.0.1",
-        port=port,
-        prefix=_flush_prefix(flush_ms),
-        max_tokens=tokens,
-        temperature=0.0,
-        timeout_s=600,
-    )
-    final = answer.final
-    if final is None or final.get("type") != "done" or answer.first_chunk_monotonic is None:
-        raise RuntimeError(f"kioskd (flush_ms {flush_ms:g}) did not answer properly: {final}")
-    chunks = [
-        (arrived, message["text"])
-        for arrived, message in zip(answer.arrivals_monotonic, answer.messages, strict=True)
-        if message["type"] == "chunk"
-    ]
-    arrivals = [arrived for arrived, _ in chunks]
+    streamed = ask_streamed(port, tokens, _flush_prefix(flush_ms))
+    answer, final, arrivals = streamed.answer, streamed.final, streamed.chunk_arrivals
     completion = int(final["usage"]["completion_tokens"])
     done_s = answer.arrivals_monotonic[-1] - answer.sent_monotonic
     span_s = arrivals[-1] - arrivals[0]
-    gaps_ms = _chunk_gaps_ms(arrivals)
     return ChunkingSample(
         rep=rep,
         flush_ms=flush_ms,
         completion_tokens=completion,
-        chunk_messages=len(chunks),
+        chunk_messages=len(arrivals),
         all_messages=len(answer.messages),
-        tokens_per_chunk=round(completion / len(chunks), 3),
-        first_chunk_ms=round((answer.first_chunk_monotonic - answer.sent_monotonic) * 1000, 2),
+        tokens_per_chunk=round(completion / len(arrivals), 3),
+        first_chunk_ms=round(streamed.first_chunk_ms, 2),
         end_to_end_tokens_per_s=round(completion / done_s, 2),
         chunk_decode_tokens_per_s=round((completion - 1) / span_s, 2) if span_s > 0 else None,
-        chunk_gap_ms_p99=round(_percentile(gaps_ms, 0.99), 2) if gaps_ms else None,
+        chunk_gap_ms_p99=gap_p99_ms(arrivals),
         model_decode_tokens_per_s=_rounded(final["timing"]["tokens_per_s"]),
-        text_matches="".join(text for _, text in chunks) == final["text"],
+        text_matches="".join(streamed.chunk_texts) == final["text"],
     )
 
 
