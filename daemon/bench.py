@@ -18,11 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import llama_cpp
 import psutil
@@ -35,6 +35,7 @@ from daemon.localbroker import LocalBroker, free_port
 from daemon.models import resolve
 
 QUESTION = "Explain briefly how a factory conveyor belt works."
+Cell = TypeVar("Cell")
 SYSTEM_PROMPT = "You are a helpful assistant on a factory-floor kiosk. Answer briefly and plainly."
 
 
@@ -233,9 +234,33 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[index]
 
 
+def median_or_none(values: list[float | None]) -> float | None:
+    """Median of the values that exist, rounded to 0.01; None when none does."""
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 2) if present else None
+
+
 def _median_gap(samples: list[Sample]) -> float | None:
-    gaps = [s.gap_p99_ms for s in samples if s.gap_p99_ms is not None]
-    return round(statistics.median(gaps), 2) if gaps else None
+    return median_or_none([s.gap_p99_ms for s in samples])
+
+
+def rotated(cells: Sequence[Cell], rep: int) -> list[Cell]:
+    """The cells in an order that starts one later every repetition, so none always goes first."""
+    shift = rep % len(cells)
+    return [*cells[shift:], *cells[:shift]]
+
+
+def command_line() -> str:
+    return "kioskd bench " + " ".join(sys.argv[2:])
+
+
+def machine() -> dict[str, Any]:
+    return {"cpu_count": os.cpu_count(), "llama_cpp_python": llama_cpp.__version__}
+
+
+def write_result(result: dict[str, Any], out_dir: Path, name: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / name).write_text(json.dumps(result, indent=2))
 
 
 def summarize(samples: list[Sample], lengths: list[int]) -> dict[str, Any]:
@@ -371,8 +396,7 @@ def run_bench(
             for rep in range(reps):
                 for length in lengths:
                     # Rotate the order, so no system always follows the same other one.
-                    order = systems[rep % len(systems) :] + systems[: rep % len(systems)]
-                    for system in order:
+                    for system in rotated(systems, rep):
                         if system == "raw":
                             sample = _raw_sample(engine, length)
                         elif system == "kioskd":
@@ -395,11 +419,11 @@ def run_bench(
     rss_budget_mib = _rss_budget_mib(engine, resolved)
     engine.close()
     result = {
-        "command": "kioskd bench " + " ".join(sys.argv[2:]),
+        "command": command_line(),
         "model": str(resolved),
         "threads": thread_count,
         "reps": reps,
-        "machine": {"cpu_count": os.cpu_count(), "llama_cpp_python": llama_cpp.__version__},
+        "machine": machine(),
         "kioskd_rss_mib": rss_mib[0],
         "rss_budget_mib": rss_budget_mib,
         "raw_process_rss_mib": raw_rss_mib,
@@ -411,8 +435,7 @@ def run_bench(
         "first_chunk_all_lengths": first_chunk_pooled(samples),
         "samples": [asdict(s) for s in samples],
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(result, indent=2))
+    write_result(result, out_dir, "bench.json")
     return result
 
 
@@ -449,7 +472,7 @@ def run_telemetry_bench(
         ):
             port = broker.port
             for rep in range(reps):
-                for prefix in (fast, off) if rep % 2 == 0 else (off, fast):
+                for prefix in rotated([fast, off], rep):
                     sample = _mqtt_sample(port, tokens, prefix)
                     rates[prefix].append(sample.decode_tokens_per_s)
                     print(
@@ -459,7 +482,7 @@ def run_telemetry_bench(
                     )
     ratios = [a / b for a, b in zip(rates[fast], rates[off], strict=True)]
     result = {
-        "command": "kioskd bench " + " ".join(sys.argv[2:]),
+        "command": command_line(),
         "model": str(resolved),
         "threads": thread_count,
         "tokens": tokens,
@@ -472,6 +495,5 @@ def run_telemetry_bench(
         "drop_percent_median_of_pairs": round(100 * (1 - statistics.median(ratios)), 2),
         "samples": rates,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench-telemetry.json").write_text(json.dumps(result, indent=2))
+    write_result(result, out_dir, "bench-telemetry.json")
     return result

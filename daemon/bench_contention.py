@@ -22,9 +22,16 @@ from typing import Any
 
 import psutil
 
-from daemon.bench import _daemon, _mqtt_sample
+from daemon.bench import (
+    _daemon,
+    _mqtt_sample,
+    command_line,
+    machine,
+    median_or_none,
+    rotated,
+    write_result,
+)
 from daemon.bench_cgroup import CFS_PERIOD_US, QuotaGroup, cpu_cgroup_mount, quota_groups
-from daemon.bench_load import _command, _machine, _median_or_none, _rotated, _write
 from daemon.localbroker import LocalBroker, free_port
 from daemon.models import resolve
 
@@ -196,7 +203,7 @@ def contention_summary(samples: list[ContentionSample], variants: Sequence[str])
                 row[f"over_default_{load}_median_of_pairs"] = ratio["ratio_median_of_pairs"]
         for load in LOADS:
             shares = [s.throttled_share for s in of(variant, load)]
-            row[f"{load}_throttled_share_median"] = _median_or_none(shares)
+            row[f"{load}_throttled_share_median"] = median_or_none(shares)
         summary[variant] = row
     return summary
 
@@ -273,7 +280,7 @@ def run_contention_bench(
                 }
             targets[variant] = _Target(variant, daemon.pid, group)
         for rep in range(reps):
-            for variant, load in _rotated(cells, rep):
+            for variant, load in rotated(cells, rep):
                 sample, check = _contention_sample(
                     broker.port, tokens, targets[variant], load=load, hogs=hogs, rep=rep
                 )
@@ -297,13 +304,13 @@ def run_contention_bench(
             # Read back from /proc/PID/task/*/cgroup and the quota files after every question.
             quota["groups"][variant]["at_measure"] = found
     result = {
-        "command": _command(),
+        "command": command_line(),
         "model": str(resolved),
         "threads": thread_count,
         "hogs": hogs,
         "tokens": tokens,
         "reps": reps,
-        "machine": _machine(),
+        "machine": machine(),
         "variants": list(variants),
         "variant_env": {variant: OPENMP_VARIANTS[variant] for variant in variants},  # null: unset
         "caller_openmp_env": _openmp_env(dict(os.environ)),
@@ -313,7 +320,7 @@ def run_contention_bench(
         "summary": contention_summary(samples, variants),
         "samples": [asdict(s) for s in samples],
     }
-    _write(result, out_dir, "bench-contention.json")
+    write_result(result, out_dir, "bench-contention.json")
     return result
 
 

@@ -9,42 +9,26 @@ hits every variant alike (the pattern of `run_telemetry_bench`).
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import statistics
 import sys
 import tempfile
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from daemon.bench import _daemon, ask_streamed, gap_p99_ms
+from daemon.bench import (
+    _daemon,
+    ask_streamed,
+    command_line,
+    gap_p99_ms,
+    machine,
+    median_or_none,
+    rotated,
+    write_result,
+)
 from daemon.config import default_threads
 from daemon.localbroker import LocalBroker, free_port
 from daemon.models import resolve
-
-Cell = TypeVar("Cell")
-
-
-def _rotated(cells: Sequence[Cell], rep: int) -> list[Cell]:
-    """The cells in an order that starts one later every repetition, so none always goes first."""
-    shift = rep % len(cells)
-    return [*cells[shift:], *cells[:shift]]
-
-
-def _command() -> str:
-    return "kioskd bench " + " ".join(sys.argv[2:])
-
-
-def _machine() -> dict[str, Any]:
-    return {"cpu_count": os.cpu_count(), "llama_cpp_python": version("llama-cpp-python")}
-
-
-def _write(result: dict[str, Any], out_dir: Path, name: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / name).write_text(json.dumps(result, indent=2))
 
 
 @dataclass(frozen=True)
@@ -97,11 +81,6 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(float(value), 2)
 
 
-def _median_or_none(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return round(statistics.median(present), 2) if present else None
-
-
 def chunking_summary(samples: list[ChunkingSample], flushes_ms: list[float]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for flush_ms in flushes_ms:
@@ -116,11 +95,11 @@ def chunking_summary(samples: list[ChunkingSample], flushes_ms: list[float]) -> 
             "end_to_end_tokens_per_s_median": round(
                 statistics.median(s.end_to_end_tokens_per_s for s in rows), 2
             ),
-            "chunk_decode_tokens_per_s_median": _median_or_none(
+            "chunk_decode_tokens_per_s_median": median_or_none(
                 [s.chunk_decode_tokens_per_s for s in rows]
             ),
-            "chunk_gap_ms_p99_median": _median_or_none([s.chunk_gap_ms_p99 for s in rows]),
-            "model_decode_tokens_per_s_median": _median_or_none(
+            "chunk_gap_ms_p99_median": median_or_none([s.chunk_gap_ms_p99 for s in rows]),
+            "model_decode_tokens_per_s_median": median_or_none(
                 [s.model_decode_tokens_per_s for s in rows]
             ),
             "text_mismatches": sum(not s.text_matches for s in rows),
@@ -160,7 +139,7 @@ def run_chunking_bench(
                 )
             )
         for rep in range(reps):
-            for flush_ms in _rotated(flushes_ms, rep):
+            for flush_ms in rotated(flushes_ms, rep):
                 sample = _chunking_sample(broker.port, tokens, flush_ms, rep)
                 samples.append(sample)
                 print(
@@ -171,17 +150,17 @@ def run_chunking_bench(
                     flush=True,
                 )
     result = {
-        "command": _command(),
+        "command": command_line(),
         "model": str(resolved),
         "threads": thread_count,
         "tokens": tokens,
         "reps": reps,
         "flushes_ms": flushes_ms,
-        "machine": _machine(),
+        "machine": machine(),
         "summary": chunking_summary(samples, flushes_ms),
         "samples": [asdict(s) for s in samples],
     }
-    _write(result, out_dir, "bench-chunking.json")
+    write_result(result, out_dir, "bench-chunking.json")
     return result
 
 

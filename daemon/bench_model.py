@@ -12,6 +12,7 @@ from typing import Any
 import llama_cpp
 import psutil
 
+from daemon.bench import rotated
 from daemon.engine import Engine, EngineSettings, TestHooks
 
 # About 150 tokens of realistic kiosk instructions (the exact count is measured and reported).
@@ -63,7 +64,7 @@ def run_prompt_reuse(*, reps: int, threads: int, model: Path) -> dict[str, Any]:
     _first_token_ms(engine, "warm-up")
     for rep in range(reps):
         question = QUESTIONS[rep % len(QUESTIONS)]
-        for mode in ("reuse", "cold") if rep % 2 == 0 else ("cold", "reuse"):
+        for mode in rotated(("reuse", "cold"), rep):
             if mode == "cold":
                 engine.forget_prompt_cache()  # the whole prompt is evaluated again
                 cold.append(_first_token_ms(engine, question))

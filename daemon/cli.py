@@ -452,17 +452,17 @@ def _bench_load(args: argparse.Namespace, tokens: int) -> int:
 
 
 def _bench_model(args: argparse.Namespace) -> int:
+    from daemon.bench import write_result  # noqa: PLC0415
     from daemon.bench_model import run_prompt_reuse, run_threads_sweep  # noqa: PLC0415
     from daemon.config import default_threads  # noqa: PLC0415
     from daemon.models import resolve  # noqa: PLC0415
 
     model = resolve(args.model).path
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.prompt_reuse:
         reuse = run_prompt_reuse(
             reps=args.reps, threads=args.threads or default_threads(), model=model
         )
-        (args.out / "bench-prompt-reuse.json").write_text(json.dumps(reuse, indent=2))
+        write_result(reuse, args.out, "bench-prompt-reuse.json")
         print(
             f"system prompt {reuse['system_prompt_tokens']} tokens: first token "
             f"{reuse['first_token_ms_with_reuse_median']} ms with reuse, "
@@ -471,7 +471,7 @@ def _bench_model(args: argparse.Namespace) -> int:
         )
     if args.threads_sweep:
         sweep = run_threads_sweep(reps=args.reps, model=model, max_threads=args.threads)
-        (args.out / "bench-threads.json").write_text(json.dumps(sweep, indent=2))
+        write_result(sweep, args.out, "bench-threads.json")
         for row in sweep["rows"]:
             print(
                 f"{row['threads']:>2} threads: prefill {row['prefill_tokens_per_s']:>8} tok/s, "
