@@ -192,6 +192,8 @@ class App:
                 system_prompt=model.system_prompt,
                 chat_format=model.chat_format,
                 seed=model.seed,
+                batch_tokens=model.batch_tokens,
+                mmap=model.mmap,
             ),
             self._hooks,
         )

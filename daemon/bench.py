@@ -29,11 +29,12 @@ import psutil
 import yaml
 
 from daemon.asker import Answer, ask
-from daemon.config import default_threads
+from daemon.config import LimitsConfig, default_threads
 from daemon.engine import Engine, EngineSettings, TestHooks
 from daemon.localbroker import LocalBroker, free_port
 from daemon.models import resolve
 
+KIOSKD_PREFIX = "bench/kiosk"
 QUESTION = "Explain briefly how a factory conveyor belt works."
 Cell = TypeVar("Cell")
 SYSTEM_PROMPT = "You are a helpful assistant on a factory-floor kiosk. Answer briefly and plainly."
@@ -58,7 +59,7 @@ def _daemon(
     threads: int,
     max_tokens: int,
     *,
-    prefix: str = "bench/kiosk",
+    prefix: str = KIOSKD_PREFIX,
     telemetry_interval_s: float = 30.0,
     stream: dict[str, Any] | None = None,
     env: dict[str, str | None] | None = None,
@@ -182,7 +183,7 @@ def ask_streamed(port: int, tokens: int, prefix: str) -> Streamed:
 
 
 def _mqtt_sample(
-    port: int, tokens: int, prefix: str = "bench/kiosk", system: str = "kioskd"
+    port: int, tokens: int, prefix: str = KIOSKD_PREFIX, system: str = "kioskd"
 ) -> Sample:
     """Ask over MQTT (kioskd, or the bridge in front of llama_cpp.server) and time the stream."""
     streamed = ask_streamed(port, tokens, prefix)
@@ -218,6 +219,19 @@ def _idle_cpu_percent(processes: list[psutil.Process], idle_s: float) -> list[fl
         round(100 * ((a.user - b.user) + (a.system - b.system)) / idle_s, 3)
         for b, a in zip(before, after, strict=True)
     ]
+
+
+def _rss_after_longest_question_mib(port: int, pid: int) -> float:
+    """kioskd's RSS once it has read the longest question the default limits accept: a long
+    prompt touches more of llama.cpp's scratch memory than the timed questions do."""
+    limit = LimitsConfig().max_question_chars
+    text = ((QUESTION + " ") * (limit // len(QUESTION) + 1))[:limit]
+    answer = ask(
+        text, host="127.0.0.1", port=port, prefix=KIOSKD_PREFIX, max_tokens=1, timeout_s=120
+    )
+    if answer.final is None or answer.final.get("type") != "done":
+        raise RuntimeError(f"kioskd did not answer the longest question: {answer.final}")
+    return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
 
 
 def _rss_budget_mib(engine: Engine, model: Path) -> float | None:
@@ -413,6 +427,7 @@ def run_bench(
                         )
             processes = [psutil.Process(daemon.pid)] + ([server_process] if server_process else [])
             rss_mib = [round(p.memory_info().rss / 2**20, 1) for p in processes]
+            longest_rss_mib = _rss_after_longest_question_mib(port, daemon.pid)
             # The raw loop's process also holds the MQTT client and bridge: an upper bound.
             raw_rss_mib = round(psutil.Process().memory_info().rss / 2**20, 1)
             idle_percent = _idle_cpu_percent(processes, idle_s)
@@ -425,6 +440,7 @@ def run_bench(
         "reps": reps,
         "machine": machine(),
         "kioskd_rss_mib": rss_mib[0],
+        "kioskd_rss_after_longest_question_mib": longest_rss_mib,
         "rss_budget_mib": rss_budget_mib,
         "raw_process_rss_mib": raw_rss_mib,
         "server_rss_mib": rss_mib[1] if server_process else None,

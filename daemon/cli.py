@@ -362,7 +362,9 @@ def _bench(args: argparse.Namespace) -> int:
     )
     print(
         f"model {result['model']}, {result['threads']} threads, {result['reps']} reps; "
-        f"kioskd RSS {result['kioskd_rss_mib']} MiB (budget {result['rss_budget_mib']} MiB), "
+        f"kioskd RSS {result['kioskd_rss_mib']} MiB, "
+        f"{result['kioskd_rss_after_longest_question_mib']} MiB after the longest question "
+        f"(budget {result['rss_budget_mib']} MiB), "
         f"idle CPU {result['kioskd_idle_cpu_percent_of_one_core']} % of a core"
     )
     print(

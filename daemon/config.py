@@ -151,6 +151,15 @@ class ModelConfig:
         None, "prompt (prefill) threads; null = same as threads", _at_least(1)
     )
     ctx: int = _key(2048, "context window in tokens (prompt + answer)", _between(256, 131072))
+    batch_tokens: int = _key(
+        128,
+        "prompt tokens computed per step; scratch memory grows with it, prefill speed barely does",
+        _between(8, 4096),
+    )
+    mmap: bool = _key(
+        False,
+        "map the GGUF instead of reading it: repacked weights are then held twice (+13 MiB)",
+    )
     max_tokens: int = _key(
         256, "longest answer in tokens; requests may ask for fewer", _at_least(1)
     )

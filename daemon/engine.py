@@ -25,6 +25,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from daemon.config import ModelConfig
 from daemon.messages import ErrorCode, RequestError
 from daemon.prompt import PromptBuilder, fallback_format
 from daemon.scheduler import Generation
@@ -90,7 +91,9 @@ class EngineSettings:
     temperature: float
     system_prompt: str
     chat_format: str
-    seed: int = -1
+    seed: int = ModelConfig.seed
+    batch_tokens: int = ModelConfig.batch_tokens
+    mmap: bool = ModelConfig.mmap
 
 
 class Engine:
@@ -116,6 +119,11 @@ class Engine:
                     n_ctx=settings.ctx,
                     n_threads=settings.threads,
                     n_threads_batch=settings.threads_batch,
+                    n_batch=settings.batch_tokens,
+                    n_ubatch=settings.batch_tokens,
+                    # Read, not mapped: llama.cpp repacks some weights into a faster layout, and
+                    # with a map their original pages stay resident beside the copy.
+                    use_mmap=settings.mmap,
                     seed=settings.seed if settings.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED,
                     verbose=True,
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,3 +87,40 @@ def test_sampled_answers_free_their_sampler_at_once(engine: Engine) -> None:
     finally:
         gc.enable()
     assert grown_mib < 6, f"RSS grew {grown_mib:.1f} MiB over 12 sampled answers"
+
+
+def _mapped_files() -> set[str]:
+    return {m.path for m in psutil.Process().memory_maps(grouped=True)}
+
+
+def test_the_weights_are_read_into_memory_unless_mmap_is_set(
+    engine: Engine, model_path: Path
+) -> None:
+    # With a map, the weights llama.cpp repacks would also stay resident in their file layout.
+    path = str(model_path.resolve())
+    assert path not in _mapped_files()
+    mapped = Engine(dataclasses.replace(engine.settings, mmap=True))
+    try:
+        assert path in _mapped_files()
+        assert _answer(mapped, QUESTIONS[0], 8).text == _answer(engine, QUESTIONS[0], 8).text
+    finally:
+        mapped.close()
+    assert path not in _mapped_files()
+
+
+def test_a_smaller_batch_touches_less_scratch_memory_on_a_long_prompt(model_path: Path) -> None:
+    question = " ".join(QUESTIONS * 40)  # about 500 tokens: one step at 512, four at 128
+    growth_mib = {}
+    for batch_tokens in (512, 128):
+        settings = EngineSettings(
+            model_path, 1, 1, 1024, 1, 0.0, "Answer briefly.", "auto", batch_tokens=batch_tokens
+        )
+        engine = Engine(settings)
+        try:
+            before = psutil.Process().memory_info().rss
+            assert _answer(engine, question, 1).completion_tokens == 1
+            growth_mib[batch_tokens] = (psutil.Process().memory_info().rss - before) / 2**20
+        finally:
+            engine.close()
+    # Measured: +26 MiB at 512, +9 MiB at 128.
+    assert growth_mib[128] < growth_mib[512] - 8, growth_mib
