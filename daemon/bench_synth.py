@@ -8,7 +8,7 @@ way llama.cpp's converter does), the 22 special tokens of Qwen2.5, padding to 15
 ChatML template, and random float weights that llama.cpp then quantizes to Q4_K_M. Its answers
 are noise; its memory and speed are those of the real model's shape.
 
-`tiny_qwen2` writes a few-kilobyte model of the same architecture with a byte-level vocabulary,
+`tiny_qwen2` writes a 200 KB model of the same architecture with a byte-level vocabulary,
 so tests can run kioskd on the production model's architecture, tokenizer type and template.
 """
 
