@@ -159,10 +159,10 @@ class Streamed:
     first_chunk_ms: float  # from publishing the question to the first chunk's arrival
 
 
-def ask_streamed(port: int, tokens: int, prefix: str) -> Streamed:
-    """Ask QUESTION over MQTT at temperature 0; anything but a streamed `done` raises."""
+def ask_streamed(port: int, tokens: int, prefix: str, question: str = QUESTION) -> Streamed:
+    """Ask over MQTT at temperature 0; anything but a streamed `done` raises."""
     answer: Answer = ask(
-        QUESTION,
+        question,
         host="127.0.0.1",
         port=port,
         prefix=prefix,
@@ -225,12 +225,7 @@ def _rss_after_longest_question_mib(port: int, pid: int) -> float:
     """kioskd's RSS once it has read the longest question the default limits accept: a long
     prompt touches more of llama.cpp's scratch memory than the timed questions do."""
     limit = LimitsConfig().max_question_chars
-    text = ((QUESTION + " ") * (limit // len(QUESTION) + 1))[:limit]
-    answer = ask(
-        text, host="127.0.0.1", port=port, prefix=KIOSKD_PREFIX, max_tokens=1, timeout_s=120
-    )
-    if answer.final is None or answer.final.get("type") != "done":
-        raise RuntimeError(f"kioskd did not answer the longest question: {answer.final}")
+    ask_streamed(port, 1, KIOSKD_PREFIX, ((QUESTION + " ") * (limit // len(QUESTION) + 1))[:limit])
     return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
 
 
