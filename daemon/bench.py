@@ -122,10 +122,22 @@ def _daemon(
         log.close()
 
 
-def _raw_sample(engine: Engine, tokens: int) -> Sample:
+def raw_llama(settings: EngineSettings) -> llama_cpp.Llama:
+    """llama-cpp-python's own Llama on the engine's model and settings, for the raw loop."""
+    return llama_cpp.Llama(
+        model_path=str(settings.path),
+        n_ctx=settings.ctx,
+        n_threads=settings.threads,
+        n_threads_batch=settings.threads_batch,
+        n_batch=settings.batch_tokens,
+        n_ubatch=settings.batch_tokens,
+        use_mmap=settings.mmap,
+        verbose=False,
+    )
+
+
+def _raw_sample(llama: llama_cpp.Llama, prompt: list[int], tokens: int) -> Sample:
     """The plain llama-cpp-python loop: generate, detokenize each token, nothing else."""
-    llama = engine._llama
-    prompt = engine.prompt_tokens(QUESTION)
     pieces: list[bytes] = []
     started = time.monotonic()
     arrivals: list[float] = []
@@ -374,12 +386,14 @@ def run_bench(
     resolved = resolve(model).path
     thread_count = threads or default_threads()
     samples: list[Sample] = []
-    engine = Engine(
-        EngineSettings(
-            resolved, thread_count, thread_count, 2048, max(lengths), 0.0, SYSTEM_PROMPT, "auto"
-        ),
-        TestHooks(ignore_eos=True),
+    settings = EngineSettings(
+        resolved, thread_count, thread_count, 2048, max(lengths), 0.0, SYSTEM_PROMPT, "auto"
     )
+    # The engine renders and tokenizes the prompt for the raw loop and the bridge, so that all
+    # three sides read the same tokens; the raw loop runs on llama-cpp-python's own Llama.
+    engine = Engine(settings, TestHooks(ignore_eos=True))
+    prompt = engine.prompt_tokens(QUESTION)
+    raw = raw_llama(settings)
     with tempfile.TemporaryDirectory(prefix="kioskd-bench-") as tmp:
         workdir = Path(tmp)
         with (
@@ -390,7 +404,7 @@ def run_bench(
             port = broker.port
             systems = ["raw", "kioskd"]
             server_process: psutil.Process | None = None
-            _raw_sample(engine, 8)  # warm every side before measuring
+            _raw_sample(raw, prompt, 8)  # warm every side before measuring
             _mqtt_sample(port, 8)
             if vs_server:
                 from daemon.bench_server import BRIDGE_PREFIX, Bridge, llama_server  # noqa: PLC0415
@@ -407,7 +421,7 @@ def run_bench(
                     # Rotate the order, so no system always follows the same other one.
                     for system in rotated(systems, rep):
                         if system == "raw":
-                            sample = _raw_sample(engine, length)
+                            sample = _raw_sample(raw, prompt, length)
                         elif system == "kioskd":
                             sample = _mqtt_sample(port, length)
                         else:
@@ -428,6 +442,7 @@ def run_bench(
             idle_percent = _idle_cpu_percent(processes, idle_s)
     rss_budget_mib = _rss_budget_mib(engine, resolved)
     engine.close()
+    raw.close()
     result = {
         "command": command_line(),
         "model": str(resolved),

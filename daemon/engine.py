@@ -1,20 +1,16 @@
-"""The language model: owns llama_cpp.Llama; loads, warms up and streams tokens.
+"""The language model: owns the llama.cpp model and context; loads, warms up and streams tokens.
 
-Tokens come from kioskd's own decode loop over Llama.eval: it keeps the KV cache of the prompt
-prefix shared with the previous question (the system prompt), picks greedy tokens with one
-numpy argmax instead of llama.cpp's sampler chain (which copies every one of the vocabulary's
-candidates for each token: 0.56 ms against 0.02 ms for Gemma 3's 262k tokens), and frees its
-sampler when the answer ends (Llama.generate leaves a 3 MiB sampler to the cyclic garbage
-collector per question). Tokens are detokenized one at a time through an incremental UTF-8
-decoder, so text goes out per token and never splits a character.
+It talks to llama.cpp's C API directly (daemon.llamacpp): its own decode loop keeps the KV cache
+of the prompt prefix shared with the previous question (the system prompt), and each answer gets
+a fresh sampler chain, freed when the answer ends (llama-cpp-python's Llama.generate leaves a
+3 MiB chain to the cyclic garbage collector per question). Tokens are detokenized one at a time
+through an incremental UTF-8 decoder, so text goes out per token and never splits a character.
 """
 
 from __future__ import annotations
 
 import codecs
-import contextlib
 import ctypes
-import io
 import logging
 import os
 import time
@@ -22,10 +18,8 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import llama_cpp
-import numpy as np
-
 from daemon.config import ModelConfig
+from daemon.llamacpp import lib
 from daemon.messages import ErrorCode, RequestError
 from daemon.prompt import PromptBuilder, fallback_format
 from daemon.scheduler import Generation
@@ -37,8 +31,13 @@ llama_log = logging.getLogger("llama.cpp")
 # model file and repeat at every start, so they are informational for an operator.
 _GGML_LEVELS = {3: logging.INFO, 4: logging.ERROR}
 
+# Llama.generate's defaults, which kioskd's sampled answers have always used.
+_TOP_K = 40
+_TOP_P = 0.95
+_MIN_P = 0.05
 
-@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+
+@lib.llama_log_callback  # type: ignore[untyped-decorator]
 def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     """llama.cpp's own log lines, into Python logging (journald), instead of raw stderr."""
     try:
@@ -47,6 +46,19 @@ def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> No
             llama_log.log(_GGML_LEVELS.get(level, logging.DEBUG), "%s", message)
     except Exception:  # noqa: BLE001 - an exception must never cross back into C
         return
+
+
+def _assign(struct: ctypes.Structure, **values: int) -> None:
+    """Set fields of a llama.cpp parameter struct, refusing names it does not have: ctypes
+    would store an unknown name as a plain attribute that llama.cpp never sees."""
+    fields = {field[0] for field in struct._fields_}
+    for name, value in values.items():
+        if name not in fields:
+            raise ModelLoadError(
+                f"this llama-cpp-python has no {type(struct).__name__}.{name}; "
+                "install the version pyproject.toml asks for"
+            )
+        setattr(struct, name, value)
 
 
 class ModelLoadError(Exception):
@@ -107,44 +119,26 @@ class Engine:
         self._wanted_threads = settings.threads
         if not settings.path.is_file():
             raise ModelLoadError(f"model file not found: {settings.path}")
-        # verbose=False would point file descriptor 2 at /dev/null while the model loads, and
-        # swallow what other threads log meanwhile (a broker refusal, say). Instead llama.cpp's
-        # log goes through _route_llama_log, and llama-cpp-python's own prints to sys.stderr
-        # during loading are caught here; the logging handlers keep the real stderr.
-        llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):
-                self._llama = llama_cpp.Llama(
-                    model_path=str(settings.path),
-                    n_ctx=settings.ctx,
-                    n_threads=settings.threads,
-                    n_threads_batch=settings.threads_batch,
-                    n_batch=settings.batch_tokens,
-                    n_ubatch=settings.batch_tokens,
-                    # Read, not mapped: llama.cpp repacks some weights into a faster layout, and
-                    # with a map their original pages stay resident beside the copy.
-                    use_mmap=settings.mmap,
-                    seed=settings.seed if settings.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED,
-                    verbose=True,
-                )
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(f"cannot load model {settings.path}: {exc}") from exc
-        self._llama.verbose = False  # no per-request prints from Llama.generate
-        # verbose=True also set llama-cpp-python's own logger to DEBUG.
-        logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)
-        model = self._llama._model
-        bos_id, eos_id = self._llama.token_bos(), self._llama.token_eos()
+        lib.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
+        lib.llama_backend_init()
+        self._model, self._ctx = self._load(settings)
+        self._closed = False
+        self._memory = lib.llama_get_memory(self._ctx)
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        self._cached: list[int] = []  # the tokens whose keys and values the KV cache holds
+        self._step = (lib.llama_token * settings.batch_tokens)()
+        bos_id, eos_id = lib.llama_vocab_bos(self._vocab), lib.llama_vocab_eos(self._vocab)
+        template = lib.llama_model_chat_template(self._model, None)
         self._prompts = PromptBuilder(
             system_prompt=settings.system_prompt,
-            embedded_template=self._llama.metadata.get("tokenizer.chat_template"),
+            embedded_template=template.decode("utf-8", "replace") if template else None,
             fallback_format=fallback_format(
-                settings.chat_format, self._llama.metadata.get("general.architecture")
+                settings.chat_format, self.metadata("general.architecture")
             ),
-            bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
-            eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
+            bos_token=self._token_text(bos_id),
+            eos_token=self._token_text(eos_id),
+            add_bos=bool(lib.llama_vocab_get_add_bos(self._vocab)),
         )
-        self._vocab = model.vocab
-        self._n_vocab = self._llama.n_vocab()
         if self.hooks.active:
             log.warning("test hooks are active: %s", self.hooks)
         log.info(
@@ -155,6 +149,59 @@ class Engine:
             settings.ctx,
             self._prompts.source,
         )
+
+    @staticmethod
+    def _load(settings: EngineSettings) -> tuple[lib.llama_model_p, lib.llama_context_p]:
+        model_params = lib.llama_model_default_params()
+        _assign(
+            model_params,
+            n_gpu_layers=0,
+            # Read, not mapped: llama.cpp repacks some weights into a faster layout, and with a
+            # map their original pages stay resident beside the copy.
+            load_mode=lib.LLAMA_LOAD_MODE_MMAP if settings.mmap else lib.LLAMA_LOAD_MODE_NONE,
+        )
+        model = lib.llama_model_load_from_file(str(settings.path).encode(), model_params)
+        if not model:
+            raise ModelLoadError(
+                f"cannot load model {settings.path}: llama.cpp could not read it "
+                "(its log lines just before this one say why)"
+            )
+        context_params = lib.llama_context_default_params()
+        _assign(
+            context_params,
+            n_ctx=settings.ctx,
+            n_batch=settings.batch_tokens,
+            n_ubatch=settings.batch_tokens,
+            n_threads=settings.threads,
+            n_threads_batch=settings.threads_batch,
+            flash_attn_type=lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        )
+        context = lib.llama_init_from_model(model, context_params)
+        if not context:
+            lib.llama_model_free(model)
+            raise ModelLoadError(
+                f"cannot load model {settings.path}: llama.cpp could not create a context of "
+                f"{settings.ctx} tokens for it"
+            )
+        return model, context
+
+    def metadata(self, key: str) -> str | None:
+        """One of the GGUF's metadata values, as text."""
+        size = 256
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            length = lib.llama_model_meta_val_str(self._model, key.encode(), buffer, size)
+            if length < 0:
+                return None
+            if length < size:
+                return buffer.value.decode("utf-8", "replace")
+            size = length + 1
+
+    def _token_text(self, token: int) -> str:
+        if token == lib.LLAMA_TOKEN_NULL:
+            return ""
+        text = lib.llama_vocab_get_text(self._vocab, token)
+        return text.decode("utf-8", "replace") if text else ""
 
     @property
     def threads(self) -> int:
@@ -168,32 +215,51 @@ class Engine:
         # Only the generation thread touches the llama context, so no decode sees a half change.
         threads = self._wanted_threads
         if threads != self._threads:
-            llama_cpp.llama_set_n_threads(
-                self._llama.ctx, threads, min(threads, self.settings.threads_batch)
-            )
+            lib.llama_set_n_threads(self._ctx, threads, min(threads, self.settings.threads_batch))
             self._threads = threads
 
     def kv_cache_bytes(self) -> int | None:
         """Size of the f16 KV cache for the whole context, from the GGUF's metadata."""
-        meta = self._llama.metadata
-        arch = meta.get("general.architecture", "")
+        arch = self.metadata("general.architecture") or ""
         try:
-            layers = int(meta[f"{arch}.block_count"])
-            heads = int(meta[f"{arch}.attention.head_count"])
-            kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
-            head_dim = int(meta[f"{arch}.embedding_length"]) // heads
-            key_dim = int(meta.get(f"{arch}.attention.key_length", head_dim))
-            value_dim = int(meta.get(f"{arch}.attention.value_length", head_dim))
-        except (KeyError, ValueError):
+            layers = int(self.metadata(f"{arch}.block_count") or "")
+            heads = int(self.metadata(f"{arch}.attention.head_count") or "")
+            kv_heads = int(self.metadata(f"{arch}.attention.head_count_kv") or heads)
+            head_dim = int(self.metadata(f"{arch}.embedding_length") or "") // heads
+            key_dim = int(self.metadata(f"{arch}.attention.key_length") or head_dim)
+            value_dim = int(self.metadata(f"{arch}.attention.value_length") or head_dim)
+        except ValueError:
             return None
         return self.settings.ctx * layers * kv_heads * (key_dim + value_dim) * 2
 
+    def tokenize(self, text: str, *, special: bool, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`; with `special`, control-token text becomes control tokens."""
+        data = text.encode("utf-8")
+        size = len(data) + 2
+        while True:
+            tokens = (lib.llama_token * size)()
+            count = lib.llama_tokenize(self._vocab, data, len(data), tokens, size, add_bos, special)
+            if count >= 0:
+                return list(tokens[:count])
+            size = -count
+
+    def _piece(self, token: int) -> bytes:
+        """The bytes of one token as text; control tokens have none."""
+        size = 64
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            length = lib.llama_token_to_piece(self._vocab, token, buffer, size, 0, False)
+            if length >= 0:
+                return buffer.raw[:length]
+            size = -length
+
     def count_tokens(self, text: str) -> int:
-        return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        return len(self.tokenize(text, special=False))
 
     def forget_prompt_cache(self) -> None:
         """Drop the cached prompt prefix, so the next prompt is evaluated in full."""
-        self._llama.reset()  # type: ignore[no-untyped-call]
+        lib.llama_memory_clear(self._memory, True)
+        self._cached = []
 
     def warm_up(self) -> Generation:
         """Run a short generation so the first real question does not pay for cold caches."""
@@ -212,11 +278,10 @@ class Engine:
 
     def prompt_tokens(self, question: str) -> list[int]:
         parts = self._prompts.build(question)
-        llama = self._llama
         return (
-            llama.tokenize(parts.before.encode("utf-8"), add_bos=parts.add_bos, special=True)
-            + llama.tokenize(parts.question.encode("utf-8"), add_bos=False, special=False)
-            + llama.tokenize(parts.after.encode("utf-8"), add_bos=False, special=True)
+            self.tokenize(parts.before, special=True, add_bos=parts.add_bos)
+            + self.tokenize(parts.question, special=False)
+            + self.tokenize(parts.after, special=True)
         )
 
     def generate(
@@ -256,10 +321,10 @@ class Engine:
                     break
                 if first_token is None:
                     first_token = time.monotonic()
-                if not self.hooks.ignore_eos and llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                if not self.hooks.ignore_eos and lib.llama_vocab_is_eog(self._vocab, token):
                     break
                 completion_tokens += 1
-                text = decoder.decode(self._llama.detokenize([token]))
+                text = decoder.decode(self._piece(token))
                 if text:
                     pieces.append(text)
                     on_text(text)
@@ -284,40 +349,62 @@ class Engine:
 
     def _decode(self, prompt: list[int], temp: float) -> Generator[int, None, None]:
         """Evaluate the prompt (reusing the cached prefix), then yield one token at a time."""
-        llama = self._llama
         keep = self._cached_prefix(prompt)
-        if keep > 0 and llama._ctx.kv_cache_seq_rm(-1, keep, -1):
-            llama.n_tokens = keep
+        if keep > 0 and lib.llama_memory_seq_rm(self._memory, -1, keep, -1):
+            del self._cached[keep:]
         else:
-            llama.reset()  # type: ignore[no-untyped-call]
-        llama.eval(prompt[llama.n_tokens :])
-        sampler = None if temp == 0 else llama._init_sampler(temp=temp)
+            self.forget_prompt_cache()
+        sampler = self._sampler(temp)
         try:
+            self._evaluate(prompt[len(self._cached) :])
             while True:
-                token = self._greedy_token() if sampler is None else sampler.sample(llama._ctx, -1)
+                token = lib.llama_sampler_sample(sampler, self._ctx, -1)
                 yield token
-                llama.eval([token])
+                self._evaluate([token])
         finally:
-            if sampler is not None:
-                sampler.close()
+            lib.llama_sampler_free(sampler)
+
+    def _sampler(self, temp: float) -> lib.llama_sampler_p:
+        chain: lib.llama_sampler_p = lib.llama_sampler_chain_init(
+            lib.llama_sampler_chain_default_params()
+        )
+        if temp == 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            return chain
+        seed = self.settings.seed if self.settings.seed >= 0 else lib.LLAMA_DEFAULT_SEED
+        for stage in (
+            lib.llama_sampler_init_top_k(_TOP_K),
+            lib.llama_sampler_init_top_p(_TOP_P, 1),
+            lib.llama_sampler_init_min_p(_MIN_P, 1),
+            lib.llama_sampler_init_temp(temp),
+            lib.llama_sampler_init_dist(seed),
+        ):
+            lib.llama_sampler_chain_add(chain, stage)
+        return chain
+
+    def _evaluate(self, tokens: list[int]) -> None:
+        """Run tokens through the model, a step of at most batch_tokens at a time."""
+        step = self._step
+        for start in range(0, len(tokens), len(step)):
+            chunk = tokens[start : start + len(step)]
+            for index, token in enumerate(chunk):
+                step[index] = token
+            status = lib.llama_decode(self._ctx, lib.llama_batch_get_one(step, len(chunk)))
+            if status != 0:
+                # The cache may hold part of the step: start the next prompt from scratch.
+                self.forget_prompt_cache()
+                raise RuntimeError(f"llama_decode failed with status {status}")
+            self._cached.extend(chunk)
 
     def _cached_prefix(self, prompt: list[int]) -> int:
         """How many leading prompt tokens the KV cache already holds, leaving at least one to
         evaluate (its logits pick the first token)."""
-        llama = self._llama
-        cached = llama.input_ids[: llama.n_tokens]
         same = 0
-        for old, new in zip(cached, prompt, strict=False):
+        for old, new in zip(self._cached, prompt, strict=False):
             if old != new:
                 break
             same += 1
         return min(same, len(prompt) - 1)
-
-    def _greedy_token(self) -> int:
-        logits = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits_ith(self._llama.ctx, -1), shape=(self._n_vocab,)
-        )
-        return int(np.argmax(logits))
 
     def _tokens(self, tokens: Iterator[int]) -> Iterator[int]:
         hooks = self.hooks
@@ -332,5 +419,8 @@ class Engine:
                 time.sleep(0.05)
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._llama.close()
+        """Free the context and the model; the engine cannot be used after."""
+        if not self._closed:
+            self._closed = True
+            lib.llama_free(self._ctx)
+            lib.llama_model_free(self._model)

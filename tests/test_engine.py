@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import llama_cpp
 import psutil
 import pytest
 
@@ -35,9 +38,24 @@ def _answer(engine: Engine, question: str, tokens: int, temperature: float = 0.0
     )
 
 
-def _reference(engine: Engine, question: str, tokens: int) -> str:
-    """The same answer from Llama.generate with llama.cpp's greedy sampler."""
-    llama = engine._llama
+@pytest.fixture(scope="module")
+def reference(engine: Engine) -> Iterator[llama_cpp.Llama]:
+    """llama-cpp-python's own loop on the same model, loaded in the same process as the engine."""
+    settings = engine.settings
+    llama = llama_cpp.Llama(
+        model_path=str(settings.path),
+        n_ctx=settings.ctx,
+        n_threads=settings.threads,
+        n_batch=settings.batch_tokens,
+        use_mmap=False,  # a map would spoil the test that the engine maps no file
+        verbose=False,
+    )
+    yield llama
+    llama.close()
+
+
+def _reference(llama: llama_cpp.Llama, engine: Engine, question: str, tokens: int) -> str:
+    """The same answer from Llama.generate with llama.cpp's greedy sampler (on the CPU)."""
     produced: list[int] = []
     stream = llama.generate(engine.prompt_tokens(question), temp=0.0, reset=True)
     for token in stream:
@@ -48,12 +66,10 @@ def _reference(engine: Engine, question: str, tokens: int) -> str:
     return str(llama.detokenize(produced).decode("utf-8", "replace"))
 
 
-def test_greedy_answers_match_llama_cpps_sampler(engine: Engine) -> None:
+def test_greedy_answers_match_llama_cpp_pythons(engine: Engine, reference: llama_cpp.Llama) -> None:
     for question in QUESTIONS:
         engine.forget_prompt_cache()
-        ours = _answer(engine, question, 32).text
-        engine.forget_prompt_cache()
-        assert ours == _reference(engine, question, 32), question
+        assert _answer(engine, question, 32).text == _reference(reference, engine, question, 32)
 
 
 def test_an_answer_after_the_cached_prefix_matches_a_cold_one(engine: Engine) -> None:
@@ -123,3 +139,39 @@ def test_a_smaller_batch_touches_less_scratch_memory_on_a_long_prompt(model_path
         finally:
             engine.close()
     assert growth_mib[128] < growth_mib[512] - 8, growth_mib
+
+
+_IMPORT_PROBE = """
+import sys
+from pathlib import Path
+
+from daemon.engine import Engine, EngineSettings
+
+engine = Engine(EngineSettings(Path(sys.argv[1]), 1, 1, 256, 4, 0.7, "Be brief.", "auto"))
+answer = engine.generate(
+    "Hi", max_tokens=4, temperature=0.7, on_text=lambda _t: None, should_stop=lambda: False
+)
+heavy = [m for m in ("numpy", "jinja2", "diskcache", "llama_cpp.llama") if m in sys.modules]
+print(answer.completion_tokens, heavy)
+
+import llama_cpp  # the whole package still loads afterwards, on the very same bindings
+from daemon.llamacpp import lib
+
+print(llama_cpp.llama_cpp is lib, callable(llama_cpp.Llama))
+"""
+
+
+def test_the_engine_loads_llama_cpp_pythons_bindings_and_nothing_heavier(
+    model_path: Path,
+) -> None:
+    # numpy, jinja2 and diskcache come with llama-cpp-python's Llama class: 15.6 MiB of RSS.
+    probe = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PROBE, str(model_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).parents[1],
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.splitlines() == ["4 []", "True True"]

@@ -48,7 +48,7 @@ def test_the_engine_reads_a_qwen2_model_with_its_chatml_template(qwen2_path: Pat
             "<|im_start|>assistant\n"
         )
         tokens = engine.prompt_tokens("Hi")
-        im_start = engine._llama.tokenize(b"<|im_start|>", add_bos=False, special=True)
+        im_start = engine.tokenize("<|im_start|>", special=True)
         assert len(im_start) == 1  # a control token, not its characters
         assert tokens.count(im_start[0]) == 3
         answer = engine.generate(
