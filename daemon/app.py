@@ -210,14 +210,18 @@ class App:
         self.notifier.stopping()
         self.watchdog.stop()
         self._enter(State.DRAINING)
-        self.scheduler.drain(self.config.shutdown.grace_s)
+        worker_stopped = self.scheduler.drain(self.config.shutdown.grace_s)
         self.monitor.stop()
         offline = self.connection.publish(self.topics.status, b"offline", retain=True)
         if self.connection.connected:
             offline.wait(_FLUSH_TIMEOUT_S)
         self.connection.stop()
-        if self._engine is not None:
+        if self._engine is not None and worker_stopped:
             self._engine.close()
+        elif self._engine is not None:
+            # Freeing the model under a generation that may still be inside llama.cpp could crash
+            # the exit; the process's end frees it instead.
+            log.warning("exiting without freeing the model: the generation thread is hung")
         log.info("kioskd stopped")
 
     def _report_fatal(self, code: ErrorCode, message: str) -> None:

@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 # Until a request has finished, retry_after_s guesses this long per request ahead.
 _DEFAULT_REQUEST_S = 10.0
 
+# After its grace, a running answer is told to stop, and a healthy worker does within a token.
+# One that has not after this long is hung; waiting longer would only let systemd's stop timeout
+# (20 s in the unit) kill kioskd before it says offline.
+_STOP_WAIT_S = 5.0
+
+_CUT_SHORT = "kioskd is shutting down; the answer was cut short"
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -234,8 +241,11 @@ class Scheduler:
 
     # --- shutdown ------------------------------------------------------------------------
 
-    def drain(self, grace_s: float) -> None:
-        """Refuse new jobs, end queued ones, give the running one `grace_s`, stop the worker."""
+    def drain(self, grace_s: float) -> bool:
+        """Refuse new jobs, end queued ones, give the running one `grace_s`, stop the worker.
+
+        Returns whether the worker has stopped (False: it is hung, and may still be in the model).
+        """
         with self._cond:
             self._draining = True
             while self._queue:
@@ -254,7 +264,16 @@ class Scheduler:
             self._cond.notify_all()
         if self._worker.is_alive() and self._worker is not threading.current_thread():
             # The generation loop checks should_stop after every token.
-            self._worker.join(timeout=30)
+            self._worker.join(timeout=_STOP_WAIT_S)
+        if not self._worker.is_alive():
+            return True
+        with self._cond:
+            hung = self._running
+        log.error("the generation thread did not stop within %.0f s of shutdown", _STOP_WAIT_S)
+        if hung is not None:
+            # Its own terminal message may never come; the stream refuses a second one if it does.
+            hung.stream.send(Error(ErrorCode.SHUTTING_DOWN, _CUT_SHORT))
+        return False
 
     # --- the worker thread ---------------------------------------------------------------
 
@@ -333,9 +352,7 @@ class Scheduler:
         if result.stopped and not job.cancelled.is_set():
             with self._cond:
                 self.counters.errors += 1
-            job.stream.send(
-                Error(ErrorCode.SHUTTING_DOWN, "kioskd is shutting down; the answer was cut short")
-            )
+            job.stream.send(Error(ErrorCode.SHUTTING_DOWN, _CUT_SHORT))
             self._log_end(job, "shutting_down", result, started)
             return
         reason: FinishReason

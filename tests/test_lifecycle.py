@@ -168,3 +168,32 @@ def test_duplicate_client_id_is_detected_and_reported(
     assert reported in first.log() + second.log()
     assert first.process.poll() is None
     assert second.process.poll() is None
+
+
+def test_sigterm_while_generation_is_hung_still_ends_the_answer_and_says_offline(
+    start_daemon: DaemonFactory,
+    client: TestClient,
+    slow_tokens: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    stall = tmp_path / "stall"
+    daemon = start_daemon(
+        {"shutdown": {"grace_s": 1}},
+        env={**slow_tokens, "KIOSKD_TEST_STALL_FILE": str(stall)},
+    )
+    client.subscribe(daemon.topic("answer/stuck"))
+    client.subscribe(daemon.topic("status"))
+    client.publish(daemon.topic("ask"), {"id": "stuck", "question": "x", "max_tokens": 500})
+    client.wait_for(lambda got: any(r.topic.endswith("/stuck") for r in got))
+    stall.touch()  # the worker stops between tokens and never looks at should_stop again
+    started = time.monotonic()
+    rc = daemon.terminate(timeout_s=20)
+    elapsed_s = time.monotonic() - started
+    # Within systemd's stop timeout (20 s in the unit): grace 1 s, then 5 s for the worker.
+    assert rc == exitcodes.OK, daemon.log()
+    assert elapsed_s < 1 + 5 + 3, f"exit took {elapsed_s:.1f} s"
+    final = assert_well_formed(client.stream(daemon.topic("answer/stuck"), timeout_s=5), "stuck")
+    assert final["type"] == "error"
+    assert final["code"] == "shutting_down"
+    client.wait_status(daemon.topic("status"), b"offline", timeout_s=5)
+    assert "the generation thread is hung" in daemon.log()
