@@ -216,12 +216,13 @@ class App:
         if self.connection.connected:
             offline.wait(_FLUSH_TIMEOUT_S)
         self.connection.stop()
-        if self._engine is not None and worker_stopped:
-            self._engine.close()
-        elif self._engine is not None:
-            # Freeing the model under a generation that may still be inside llama.cpp could crash
-            # the exit; the process's end frees it instead.
-            log.warning("exiting without freeing the model: the generation thread is hung")
+        if self._engine is not None:
+            if worker_stopped:
+                self._engine.close()
+            else:
+                # Freeing the model under a generation that may still be inside llama.cpp could
+                # crash the exit; the process's end frees it instead.
+                log.warning("exiting without freeing the model: the generation thread is hung")
         log.info("kioskd stopped")
 
     def _report_fatal(self, code: ErrorCode, message: str) -> None:

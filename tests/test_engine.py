@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from daemon import engine as engine_module
+from daemon.bench import raw_llama
 from daemon.engine import Engine, EngineSettings
 from daemon.scheduler import Generation
 
@@ -41,15 +42,10 @@ def _answer(engine: Engine, question: str, tokens: int, temperature: float = 0.0
 @pytest.fixture(scope="module")
 def reference(engine: Engine) -> Iterator[llama_cpp.Llama]:
     """llama-cpp-python's own loop on the same model, loaded in the same process as the engine."""
-    settings = engine.settings
-    llama = llama_cpp.Llama(
-        model_path=str(settings.path),
-        n_ctx=settings.ctx,
-        n_threads=settings.threads,
-        n_batch=settings.batch_tokens,
-        use_mmap=False,  # a map would spoil the test that the engine maps no file
-        verbose=False,
-    )
+    # The engine's settings read the file rather than map it: a map would spoil the test that
+    # the engine maps no file.
+    assert not engine.settings.mmap
+    llama = raw_llama(engine.settings)
     yield llama
     llama.close()
 
