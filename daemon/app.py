@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import signal
 import ssl
 import threading
@@ -15,16 +16,19 @@ from types import FrameType
 import yaml
 
 from daemon import __version__, exitcodes
-from daemon.broker import Connection, Delivery, Inbound, Will
-from daemon.config import Config, ConfigError, TlsConfig, from_dict
+from daemon.broker import JSON, Connection, Delivery, Inbound, Will
+from daemon.config import Config, ConfigError, TlsConfig, config_warnings, from_dict, load
 from daemon.discovery import discovery_messages
 from daemon.engine import Engine, EngineSettings, ModelLoadError, TestHooks
 from daemon.intake import Intake
+from daemon.ledger import Ledger
+from daemon.loglimit import LogLimiter
 from daemon.messages import Error, ErrorCode, parse_cancel
-from daemon.models import resolve
+from daemon.models import EmbeddedModelError, resolve
 from daemon.monitor import Monitor, Snapshot
+from daemon.reload import plan_reload, replace_live
 from daemon.scheduler import Scheduler
-from daemon.service import Notifier, Watchdog, WorkerProgress
+from daemon.service import Notifier, Watchdog, WorkerProgress, setup_logging
 from daemon.telemetry import TelemetryReader
 from daemon.thermal import ThermalDecision, ThermalGovernor
 from daemon.topics import Topics, homeassistant_status
@@ -33,6 +37,26 @@ log = logging.getLogger(__name__)
 
 # How long shutdown waits for the broker to acknowledge the last messages.
 _FLUSH_TIMEOUT_S = 2.0
+
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
+# Every signal whose default action would end kioskd without a word: SIGHUP and SIGUSR1 have
+# jobs, the rest are logged and ignored. Faults (SIGSEGV, SIGABRT, ...) stay with faulthandler;
+# SIGPIPE is ignored by Python already.
+_HANDLED_SIGNALS = (
+    *_STOP_SIGNALS,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGALRM,
+    signal.SIGVTALRM,
+    signal.SIGPROF,
+    signal.SIGIO,
+    signal.SIGPWR,
+    signal.SIGXCPU,
+    signal.SIGXFSZ,
+    signal.SIGSTKFLT,
+    *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
+)
 
 
 class State(StrEnum):
@@ -49,7 +73,10 @@ class State(StrEnum):
 class App:
     """One kiosk: broker connection, model, scheduler."""
 
-    def __init__(self, config: Config, hooks: TestHooks | None = None) -> None:
+    def __init__(
+        self, config: Config, hooks: TestHooks | None = None, config_path: Path | None = None
+    ) -> None:
+        """`config_path` is the file SIGHUP reloads; None: SIGHUP only logs."""
         self.config = config
         self.topics = Topics(config.topic_prefix)
         self._hooks = hooks if hooks is not None else TestHooks.from_env()
@@ -58,10 +85,16 @@ class App:
         self._engine: Engine | None = None
         self._model_name: str | None = None
         self._throttled = False
+        self._config_path = config_path
+        self._wake = threading.Event()
+        self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._log = LogLimiter(log)
         self.scheduler = Scheduler(
             capacity=config.queue.capacity,
             flush_ms=config.stream.flush_ms,
             max_chunk_chars=config.stream.max_chunk_chars,
+            # Health shows busy even when no interval tick falls inside a short answer.
+            on_busy_change=lambda: self.monitor.report_soon(),  # noqa: PLW0108 - built below
         )
         self.notifier = Notifier()
         self.watchdog = Watchdog(
@@ -101,8 +134,12 @@ class App:
             password=config.mqtt_password(),
             tls_context=tls_context(mqtt.tls),
             on_problem=self._on_broker_problem,
+            # PROTOCOL.md "Crash safety": a question is acknowledged once it is answered.
+            manual_ack=True,
+            max_packet_bytes=mqtt.max_message_bytes,
         )
-        self.intake = Intake(config, self.topics, self.scheduler, self.connection)
+        self.ledger = Ledger(dedup_s=config.limits.dedup_s, max_ids=config.limits.dedup_max_ids)
+        self.intake = Intake(config, self.topics, self.scheduler, self.connection, self.ledger)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -144,6 +181,7 @@ class App:
 
     def request_stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def _start_and_wait(self) -> int:
         log.info(
@@ -154,13 +192,15 @@ class App:
             self.config.mqtt.port,
             self.config.mqtt.protocol,
         )
+        for warning in config_warnings(self.config):
+            log.warning("config: %s", warning)
         # Connect first, so questions sent while the model loads are queued, not lost.
         self.connection.start()
         self.monitor.start()
         self._enter(State.LOADING)
         try:
             self._engine = self._load_engine()
-        except ModelLoadError as exc:
+        except (ModelLoadError, EmbeddedModelError) as exc:
             log.error("%s", exc)
             self._report_fatal(ErrorCode.MODEL_ERROR, str(exc))
             return exitcodes.MODEL_UNAVAILABLE
@@ -171,10 +211,88 @@ class App:
         self.scheduler.start(self._engine)
         self._enter(State.READY)
         self._announce_online()
+        if self.config.homeassistant.enabled:
+            self._publish_discovery()  # now with the model's name
         self.notifier.ready(self.status_line())
         self.watchdog.start()
-        self._stop.wait()
+        self._serve_signals()
         return exitcodes.OK
+
+    def _serve_signals(self) -> None:
+        """Until stopped: act on the signals the handler queued (it runs between bytecodes of
+        this thread, so it only queues; a reload here cannot interrupt itself)."""
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            while not self._signals.empty():
+                self._on_signal(self._signals.get())
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        try:
+            if signum in _STOP_SIGNALS:
+                log.info("received %s; stopping", name)
+                self._stop.set()
+            elif signum == signal.SIGHUP:
+                log.info("received SIGHUP; reloading the configuration")
+                self._reload()
+            elif signum == signal.SIGUSR1:
+                log.info("state: %s", self.state_dump())
+            else:
+                log.warning(
+                    "received %s; ignored (SIGHUP reloads the configuration, SIGUSR1 logs the "
+                    "state, SIGTERM stops)",
+                    name,
+                )
+        except Exception:
+            log.exception("handling %s failed; kioskd goes on", name)
+
+    def state_dump(self) -> str:
+        """One line for SIGUSR1: what kioskd is doing and holding."""
+        counters = self.scheduler.counters
+        telemetry = self.monitor.last_telemetry
+        cpu_c = telemetry.thermal.cpu_c if telemetry is not None else None
+        return (
+            f"{self.state}; running {self.scheduler.running_id or '-'}, queue "
+            f"{self.scheduler.depth}/{self.scheduler.capacity}, unacknowledged questions "
+            f"{self.ledger.held}; broker {'connected' if self.connection.connected else 'away'}"
+            f"{'' if self.connection.problem is None else f' ({self.connection.problem})'}; "
+            f"model {self._model_name or '-'}, threads {self.monitor_threads()}, CPU "
+            f"{'-' if cpu_c is None else f'{cpu_c:.1f} C'}; answered {counters.answered}, "
+            f"errors {counters.errors}, rejected {counters.rejected}, cancelled "
+            f"{counters.cancelled}"
+        )
+
+    def _reload(self) -> None:
+        if self._config_path is None:
+            log.warning("no config file to reload (started with the built-in defaults)")
+            return
+        try:
+            new = load(self._config_path)
+        except ConfigError as exc:
+            log.error(
+                "reload refused, keeping the running configuration: %s", "; ".join(exc.problems)
+            )
+            return
+        plan = plan_reload(self.config, new)
+        for key in plan.restart_keys:
+            log.warning("reload: %s changed; it takes effect only after a restart", key)
+        self._apply(new)
+        self.config = replace_live(self.config, new)
+        log.info(
+            "reload: applied %s",
+            ", ".join(plan.live_keys) if plan.live_keys else "nothing (no live key changed)",
+        )
+
+    def _apply(self, new: Config) -> None:
+        """Put the keys that can change while running into effect."""
+        setup_logging(new.logging.level)
+        self.monitor.set_interval(new.telemetry.interval_s)
+        thermal = new.thermal
+        self.monitor.set_limits(thermal.soft_limit_c, thermal.hard_limit_c, thermal.resume_below_c)
+        self.intake.reconfigure(new)
+        self.scheduler.set_capacity(new.queue.capacity)
+        self.ledger.set_dedup_s(new.limits.dedup_s)
 
     def _load_engine(self) -> Engine:
         model = self.config.model
@@ -236,11 +354,13 @@ class App:
             return  # tests may run the app in a thread; they call request_stop() instead
 
         def handle(signum: int, _frame: FrameType | None) -> None:
-            log.info("received %s; stopping", signal.Signals(signum).name)
-            self._stop.set()
+            self._signals.put(signum)
+            if signum in _STOP_SIGNALS:
+                self._stop.set()  # also ends a model load, which does not serve signals
+            self._wake.set()
 
-        signal.signal(signal.SIGTERM, handle)
-        signal.signal(signal.SIGINT, handle)
+        for signum in _HANDLED_SIGNALS:
+            signal.signal(signum, handle)
 
     # --- health and thermal (monitor thread) ------------------------------------------------
 
@@ -281,7 +401,7 @@ class App:
 
     def _publish_health(self, payload: bytes) -> None:
         # QoS 0 and retained (PROTOCOL.md): a lost one is replaced by the next.
-        self.connection.publish(self.topics.health, payload, qos=0, retain=True)
+        self.connection.publish(self.topics.health, payload, qos=0, retain=True, content_type=JSON)
 
     def _report_health(self) -> None:
         try:
@@ -296,10 +416,12 @@ class App:
             health_topic=self.topics.health,
             status_topic=self.topics.status,
             interval_s=self.config.telemetry.interval_s,
-            model_name="kioskd",
+            model_name=self._model_name or "kioskd",
             sw_version=__version__,
         ):
-            self.connection.publish(topic, json.dumps(config).encode("utf-8"), retain=True)
+            self.connection.publish(
+                topic, json.dumps(config).encode("utf-8"), retain=True, content_type=JSON
+            )
         log.info("published Home Assistant discovery under %s/", self.config.homeassistant.prefix)
 
     # --- broker callbacks (network thread) ---------------------------------------------------
@@ -314,33 +436,46 @@ class App:
         # A broker that restarted without persistence has lost our retained status.
         if self._lifecycle is State.READY:
             self._announce_online()
-        if self.config.homeassistant.enabled:
-            self._publish_discovery()
+            # Before the model is loaded, discovery waits: it names the model (start-up sends it).
+            if self.config.homeassistant.enabled:
+                self._publish_discovery()
 
     def _on_message(self, message: Inbound) -> None:
-        if message.retain and message.topic in (self.topics.ask, self.topics.cancel):
-            # A retained question would be asked again at every (re)subscribe.
+        if message.topic == self.topics.ask and not message.retain:
+            self.intake.handle(message)  # it acknowledges the question once answered
+            return
+        try:
+            if message.topic == self.topics.ask:
+                self.intake.refuse_retained(message)
+            elif message.topic == self._ha_status and self.config.homeassistant.enabled:
+                if message.payload.strip() == b"online":
+                    log.info("Home Assistant restarted; sending discovery again")
+                    self._publish_discovery()
+            elif message.topic == self.topics.cancel:
+                self._on_cancel(message)
+        finally:
+            if not (message.topic == self.topics.ask and message.retain):
+                self.connection.acknowledge(message)
+
+    def _on_cancel(self, message: Inbound) -> None:
+        if message.retain:
+            # A retained cancel would cancel the same id again at every (re)subscribe.
             log.warning(
                 "ignored a retained message on %s; clear it with an empty retained publish",
                 message.topic,
             )
             return
-        if message.topic == self.topics.ask:
-            self.intake.handle(message)
-        elif message.topic == self._ha_status and self.config.homeassistant.enabled:
-            if message.payload.strip() == b"online":
-                log.info("Home Assistant restarted; sending discovery again")
-                self._publish_discovery()
-        elif message.topic == self.topics.cancel:
-            request_id = parse_cancel(message.payload)
-            if request_id is None:
-                log.warning("ignored a cancel without a valid id")
-            elif not self.scheduler.cancel(request_id):
-                log.info(
-                    "cancel for unknown request %s ignored",
-                    request_id,
-                    extra={"request_id": request_id},
-                )
+        request_id = parse_cancel(message.payload)
+        if request_id is None:
+            self._log.log(logging.WARNING, "bad_cancel", "ignored a cancel without a valid id")
+        elif not self.scheduler.cancel(request_id):
+            self._log.log(
+                logging.INFO,
+                "unknown_cancel",
+                "cancel for unknown request %s ignored",
+                request_id,
+                extra={"request_id": request_id},
+            )
 
 
 def _round(value: float | None) -> float | None:

@@ -32,6 +32,49 @@ _TAKEOVERS_REPORTED = 3
 # Outgoing messages paho may hold while disconnected: a few long answers' worth of chunks.
 _MAX_QUEUED_MESSAGES = 20000
 
+JSON = "application/json"
+
+
+def publish_packet_bytes(
+    topic: str,
+    payload_bytes: int,
+    *,
+    qos: int = 1,
+    correlation_data: bytes | None = None,
+    content_type: str | None = None,
+    mqtt5: bool = True,
+) -> int:
+    """The size of the whole PUBLISH packet, as a broker's maximum packet size counts it."""
+    properties = _publish_properties(correlation_data, content_type) if mqtt5 else None
+    variable = 2 + len(topic.encode("utf-8")) + (2 if qos > 0 else 0)
+    if mqtt5:
+        variable += len(properties.pack()) if properties is not None else 1  # type: ignore[no-untyped-call]
+    remaining = variable + payload_bytes
+    return 1 + _varint_bytes(remaining) + remaining
+
+
+def _varint_bytes(value: int) -> int:
+    size = 1
+    while value >= 128:
+        value >>= 7
+        size += 1
+    return size
+
+
+def _publish_properties(
+    correlation_data: bytes | None, content_type: str | None
+) -> Properties | None:
+    if correlation_data is None and content_type is None:
+        return None
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if content_type is not None:
+        # Every content type kioskd sends is text: tell generic clients it is UTF-8.
+        properties.ContentType = content_type
+        properties.PayloadFormatIndicator = 1
+    if correlation_data is not None:
+        properties.CorrelationData = correlation_data
+    return properties
+
 
 @dataclass(frozen=True)
 class Inbound:
@@ -43,6 +86,11 @@ class Inbound:
     correlation_data: bytes | None = None
     user_properties: tuple[tuple[str, str], ...] = ()
     retain: bool = False
+    qos: int = 0
+    # The broker's packet id: with the QoS 1 acknowledgement held back (manual_ack), a message
+    # the broker sends again (dup) after a reconnect comes with the same one.
+    mid: int = 0
+    dup: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +105,11 @@ class Delivery:
 
     def __init__(self, info: paho.MQTTMessageInfo | None) -> None:
         self._info = info
+
+    @property
+    def refused(self) -> bool:
+        """True when the message was never handed to paho (too large, or an error)."""
+        return self._info is None
 
     def wait(self, timeout_s: float) -> bool:
         if self._info is None:
@@ -90,8 +143,14 @@ class Connection:
         password: str | None = None,
         tls_context: ssl.SSLContext | None = None,
         on_problem: Callable[[str | None], None] | None = None,
+        manual_ack: bool = False,
+        max_packet_bytes: int | None = None,
     ) -> None:
-        """`session_expiry_s=None` asks for a clean, throw-away session; else a persistent one."""
+        """`session_expiry_s=None` asks for a clean, throw-away session; else a persistent one.
+
+        With `manual_ack`, a received QoS 1 message is acknowledged only by `acknowledge()`: until
+        then the broker keeps it in our session and sends it again after a reconnect.
+        """
         self._host = host
         self._port = port
         self._keepalive_s = keepalive_s
@@ -106,16 +165,24 @@ class Connection:
         self._tls_context = tls_context
         self._on_problem = on_problem
         self.problem: str | None = None
-        self.max_packet_bytes: int | None = None
+        self._configured_max_packet_bytes = max_packet_bytes
+        self._broker_max_packet_bytes: int | None = None
         self._takeovers: list[float] = []
         self._connected_at = 0.0
         self._connack_refused = False
         self._pending_subscriptions: dict[int, list[str]] = {}
+        # Callbacks for QoS 1 publishes, by packet id, run when the broker's PUBACK arrives. A
+        # PUBACK may beat the registration (the network thread is quick on loopback): such ids
+        # wait in _acked_early until their publish() registers.
+        self._delivery_lock = threading.Lock()
+        self._on_delivered: dict[int, Callable[[], None] | None] = {}
+        self._acked_early: set[int] = set()
         self._client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if self._mqtt5 else MQTTProtocolVersion.MQTTv311,
             clean_session=None if self._mqtt5 else not self._persistent,
+            manual_ack=manual_ack,
         )
         # Bounds what piles up while the broker is away (QoS 1 keeps the rest for the reconnect).
         self._client.max_queued_messages_set(_MAX_QUEUED_MESSAGES)
@@ -161,6 +228,35 @@ class Connection:
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
 
+    @property
+    def max_packet_bytes(self) -> int | None:
+        """The largest packet we may send: the configured limit or the broker's, if smaller."""
+        known = [
+            limit
+            for limit in (self._configured_max_packet_bytes, self._broker_max_packet_bytes)
+            if limit
+        ]
+        return min(known) if known else None
+
+    def packet_bytes(
+        self,
+        topic: str,
+        payload_bytes: int,
+        *,
+        qos: int = 1,
+        correlation_data: bytes | None = None,
+        content_type: str | None = None,
+    ) -> int:
+        """The PUBLISH packet's size on this connection (MQTT 3.1.1 drops the properties)."""
+        return publish_packet_bytes(
+            topic,
+            payload_bytes,
+            qos=qos,
+            correlation_data=correlation_data,
+            content_type=content_type,
+            mqtt5=self._mqtt5,
+        )
+
     def publish(
         self,
         topic: str,
@@ -169,12 +265,34 @@ class Connection:
         qos: int = 1,
         retain: bool = False,
         correlation_data: bytes | None = None,
+        content_type: str | None = None,
+        on_delivered: Callable[[], None] | None = None,
     ) -> Delivery:
-        """Queue a message for the network thread; QoS 1 ones survive a reconnect."""
-        properties = None
-        if correlation_data is not None and self._mqtt5:
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            properties.CorrelationData = correlation_data
+        """Queue a message for the network thread; QoS 1 ones survive a reconnect.
+
+        Every publish of kioskd passes here, so this is where the broker's Maximum Packet Size
+        is enforced: a bigger packet would make the broker drop the connection, and paho would
+        send it again after every reconnect. `on_delivered` runs on the network thread once the
+        broker has acknowledged a QoS 1 message.
+        """
+        limit = self.max_packet_bytes
+        if limit is not None:
+            size = self.packet_bytes(
+                topic,
+                len(payload),
+                qos=qos,
+                correlation_data=correlation_data,
+                content_type=content_type,
+            )
+            if size > limit:
+                log.error(
+                    "not publishing %d bytes to %s: over the broker's maximum packet size of %d",
+                    size,
+                    topic,
+                    limit,
+                )
+                return Delivery(None)
+        properties = _publish_properties(correlation_data, content_type) if self._mqtt5 else None
         try:
             info = self._client.publish(
                 topic, payload, qos=qos, retain=retain, properties=properties
@@ -184,7 +302,29 @@ class Connection:
             return Delivery(None)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.error("publish to %s refused: %s", topic, paho.error_string(info.rc))
+            return Delivery(None)
+        if qos > 0:
+            self._register_delivery(info.mid, on_delivered)
         return Delivery(info)
+
+    def acknowledge(self, message: Inbound) -> None:
+        """Send the PUBACK of a QoS 1 message received with manual_ack; from any thread."""
+        if message.qos == 0:
+            return
+        rc = self._client.ack(message.mid, message.qos)
+        if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log.warning("could not acknowledge message %d: %s", message.mid, paho.error_string(rc))
+
+    def _register_delivery(self, mid: int, on_delivered: Callable[[], None] | None) -> None:
+        with self._delivery_lock:
+            if mid in self._acked_early:
+                self._acked_early.discard(mid)
+                delivered_now = True
+            else:
+                self._on_delivered[mid] = on_delivered
+                delivered_now = False
+        if delivered_now and on_delivered is not None:
+            on_delivered()
 
     def stop(self) -> None:
         """Disconnect cleanly (no last will) and stop the network thread."""
@@ -218,7 +358,7 @@ class Connection:
                 )
                 return
             packet_limit = getattr(properties, "MaximumPacketSize", None) if properties else None
-            self.max_packet_bytes = int(packet_limit) if packet_limit else None
+            self._broker_max_packet_bytes = int(packet_limit) if packet_limit else None
             log.info(
                 "connected to broker %s:%s (session present: %s)",
                 self._host,
@@ -309,6 +449,15 @@ class Connection:
                     mid,
                     reason_code,
                 )
+            with self._delivery_lock:
+                if mid in self._on_delivered:
+                    on_delivered = self._on_delivered.pop(mid)
+                else:
+                    on_delivered = None
+                    self._acked_early.add(mid)
+            # A refused message is delivered all the same: the broker will not take it later.
+            if on_delivered is not None:
+                on_delivered()
         except Exception:
             log.exception("error in publish handler")
 
@@ -369,6 +518,9 @@ class Connection:
                 correlation_data,
                 tuple(user_properties or ()),
                 bool(message.retain),
+                int(message.qos),
+                int(message.mid),
+                bool(message.dup),
             )
             if self._on_message is not None:
                 self._on_message(inbound)

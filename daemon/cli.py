@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import __version__, exitcodes
-from daemon.config import Config, ConfigError, load, sanitize_device_id
+from daemon.config import Config, ConfigError, config_warnings, load, sanitize_device_id
 
 log = logging.getLogger("daemon")
 
@@ -172,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
     from daemon.app import App  # noqa: PLC0415 - keeps check-config and ask free of llama.cpp
 
     try:
-        app = App(config)
+        app = App(config, config_path=args.config)
     except ConfigError as exc:  # e.g. an unreadable password file
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -184,6 +184,8 @@ def _check_config(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return exitcodes.FAILURE
+    for warning in config_warnings(config):
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
     print(f"{args.config}: OK (device {config.device_id}, topics under {config.topic_prefix}/)")
     return exitcodes.OK
 

@@ -130,6 +130,12 @@ class MqttConfig:
     )
     reconnect_min_s: float = _key(1.0, "first reconnect delay after losing the broker", _positive)
     reconnect_max_s: float = _key(30.0, "longest reconnect delay (doubling backoff)", _positive)
+    broker_inflight_limit: int = _key(
+        20,
+        "questions the broker sends before waiting for our PUBACKs (mosquitto "
+        "max_inflight_messages); kioskd holds one per running or queued question",
+        _at_least(1),
+    )
 
 
 @dataclass(frozen=True)
@@ -194,6 +200,14 @@ class LimitsConfig:
         None,
         "questions per second accepted from one sender (see docs/security.md); null = no limit",
         _positive,
+    )
+    dedup_s: float = _key(
+        60.0,
+        "a retry with the same id and question this soon after its answer gets that answer again",
+        _positive,
+    )
+    dedup_max_ids: int = _key(
+        1024, "ended request ids remembered for dedup_s (bounds the memory)", _between(1, 100000)
     )
 
 
@@ -435,6 +449,21 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
     if mqtt.reconnect_min_s > mqtt.reconnect_max_s:
         problems.append(("mqtt.reconnect_min_s", "must not exceed mqtt.reconnect_max_s"))
     return problems
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Settings that work but will likely hurt; check-config prints them, run logs them."""
+    found = []
+    held = config.queue.capacity + 1
+    if held + 1 > config.mqtt.broker_inflight_limit:
+        found.append(
+            f"queue.capacity: {config.queue.capacity} waiting + 1 running questions stay "
+            f"unacknowledged until answered, which leaves no room under "
+            f"mqtt.broker_inflight_limit ({config.mqtt.broker_inflight_limit}) for a cancel: "
+            "the broker would hold cancels back; lower queue.capacity or raise the broker's "
+            "max_inflight_messages (and this key)"
+        )
+    return found
 
 
 def _build_section(

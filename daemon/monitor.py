@@ -53,6 +53,7 @@ class Monitor:
         self._publish = publish
         self._started_monotonic = time.monotonic()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="kioskd-monitor", daemon=True)
         self.last_telemetry: Telemetry | None = None
@@ -63,20 +64,41 @@ class Monitor:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
-    def report(self) -> None:
-        """Read, decide and publish now (also called on lifecycle changes)."""
+    def set_interval(self, interval_s: float) -> None:
+        """Apply a new telemetry.interval_s from the next report on."""
+        self._interval_s = interval_s
+        self._wake.set()
+
+    def set_limits(self, soft_limit_c: float, hard_limit_c: float, resume_below_c: float) -> None:
+        """Apply new thermal limits (SIGHUP); the next reading decides with them."""
+        with self._lock:
+            self._governor.set_limits(soft_limit_c, hard_limit_c, resume_below_c)
+
+    def report(self, *, decide: bool = True) -> None:
+        """Read, decide and publish now (also called on lifecycle changes).
+
+        `decide=False` publishes without a thermal decision: the governor steps once per
+        reading, so extra readings would make it back off faster than the interval says.
+        """
         with self._lock:  # the loop and a lifecycle change may both report at once
             telemetry = self._reader.read()
-            thermal = telemetry.thermal
-            decision = self._governor.update(thermal.cpu_c, thermal.throttled.now)
-            self.last_telemetry, self.last_decision = telemetry, decision
-            if decision.changed:
-                log.warning("thermal: %s", decision.reason)
-                self._on_decision(decision)
+            self.last_telemetry = telemetry
+            if decide:
+                thermal = telemetry.thermal
+                decision = self._governor.update(thermal.cpu_c, thermal.throttled.now)
+                self.last_decision = decision
+                if decision.changed:
+                    log.warning("thermal: %s", decision.reason)
+                    self._on_decision(decision)
             self._publish(self._health(telemetry).to_payload())
+
+    def report_soon(self) -> None:
+        """Publish health now on the monitor thread (a state changed), not on the caller's."""
+        self._wake.set()
 
     def _health(self, telemetry: Telemetry) -> Health:
         snapshot = self._snapshot()
@@ -96,8 +118,18 @@ class Monitor:
         )
 
     def _loop(self) -> None:
-        while not self._stop.wait(self._interval_s):
+        next_report = time.monotonic() + self._interval_s
+        while True:
+            woken = self._wake.wait(max(0.0, next_report - time.monotonic()))
+            if self._stop.is_set():
+                return
+            self._wake.clear()
+            due = time.monotonic() >= next_report
+            if due:
+                next_report = time.monotonic() + self._interval_s
+            elif woken:
+                next_report = min(next_report, time.monotonic() + self._interval_s)
             try:
-                self.report()
+                self.report(decide=due)
             except Exception:
                 log.exception("health report failed; trying again next interval")

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from daemon.loglimit import LogLimiter
 from daemon.messages import (
     Done,
     Error,
@@ -95,8 +96,16 @@ class Scheduler:
     """Runs one generation at a time; every accepted job gets exactly one terminal message."""
 
     def __init__(
-        self, *, capacity: int, flush_ms: float = 0.0, max_chunk_chars: int | None = None
+        self,
+        *,
+        capacity: int,
+        flush_ms: float = 0.0,
+        max_chunk_chars: int | None = None,
+        on_busy_change: Callable[[], None] = lambda: None,
     ) -> None:
+        """`on_busy_change` runs on the worker thread when a generation starts or ends."""
+        self._on_busy_change = on_busy_change
+        self._log = LogLimiter(log)
         self._flush_ms = flush_ms
         self._max_chunk_chars = max_chunk_chars
         self._generator: Generator | None = None
@@ -125,9 +134,19 @@ class Scheduler:
     def capacity(self) -> int:
         return self._capacity
 
+    def set_capacity(self, capacity: int) -> None:
+        """Apply a new queue.capacity; requests already waiting keep their places."""
+        with self._cond:
+            self._capacity = capacity
+
     @property
     def busy(self) -> bool:
         return self._running is not None
+
+    @property
+    def running_id(self) -> str | None:
+        running = self._running
+        return None if running is None else running.request.id
 
     def set_overheated(self, retry_after_s: float | None) -> None:
         """Pause new generations (None resumes); queued requests wait, new ones are refused."""
@@ -204,11 +223,17 @@ class Scheduler:
             ),
         )
 
-    def _refuse(self, stream: ReplyStream, error: Error) -> None:
-        """Count, log and send a refusal of a request that will not be answered."""
+    def count_refusal(self) -> None:
+        """Count a request refused before it reached the scheduler (a duplicate id)."""
         with self._cond:
             self.counters.rejected += 1
-        log.info(
+
+    def _refuse(self, stream: ReplyStream, error: Error) -> None:
+        """Count, log and send a refusal of a request that will not be answered."""
+        self.count_refusal()
+        self._log.log(
+            logging.INFO,
+            str(error.code),
             "request %s refused: %s",
             stream.request_id,
             error.code,
@@ -282,6 +307,7 @@ class Scheduler:
             job = self._next_job()
             if job is None:
                 return
+            self._busy_changed()
             try:
                 self._run_job(job)
             except Exception:
@@ -292,6 +318,13 @@ class Scheduler:
                     self._running = None
                     self.last_progress_monotonic = time.monotonic()
                     self._cond.notify_all()
+                self._busy_changed()
+
+    def _busy_changed(self) -> None:
+        try:
+            self._on_busy_change()
+        except Exception:
+            log.exception("busy-change hook failed")
 
     def _next_job(self) -> Job | None:
         with self._cond:

@@ -6,17 +6,62 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-from daemon.broker import Delivery
+from daemon.broker import JSON, Connection, Delivery
 from daemon.messages import Chunk, Error, ErrorCode, StreamMessage
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[str, bytes, bytes | None], Delivery]
 
-# Bytes of an MQTT PUBLISH besides topic, payload and correlation data: fixed header, lengths,
-# packet id and property headers, with room to spare.
-_PACKET_OVERHEAD_BYTES = 64
+class Outlet(Protocol):
+    """Where a stream's messages go: the broker connection, or a recorder in unit tests."""
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        correlation_data: bytes | None,
+        on_delivered: Callable[[], None] | None,
+    ) -> Delivery: ...
+
+    def packet_bytes(self, topic: str, payload_bytes: int, correlation_data: bytes | None) -> int:
+        """The whole PUBLISH packet's size for a payload of this many bytes."""
+        ...
+
+    def max_packet_bytes(self) -> int | None:
+        """The largest packet the broker takes now; None when it has not said."""
+        ...
+
+
+class ConnectionOutlet:
+    """A broker connection as an Outlet: QoS 1 JSON messages."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        correlation_data: bytes | None,
+        on_delivered: Callable[[], None] | None,
+    ) -> Delivery:
+        return self._connection.publish(
+            topic,
+            payload,
+            correlation_data=correlation_data,
+            content_type=JSON,
+            on_delivered=on_delivered,
+        )
+
+    def packet_bytes(self, topic: str, payload_bytes: int, correlation_data: bytes | None) -> int:
+        return self._connection.packet_bytes(
+            topic, payload_bytes, correlation_data=correlation_data, content_type=JSON
+        )
+
+    def max_packet_bytes(self) -> int | None:
+        return self._connection.max_packet_bytes
 
 
 class ReplyStream:
@@ -29,17 +74,26 @@ class ReplyStream:
 
     def __init__(
         self,
-        publish: Publish,
+        outlet: Outlet,
         topic: str,
         request_id: str | None,
         correlation_data: bytes | None = None,
-        max_packet_bytes: Callable[[], int | None] = lambda: None,
+        *,
+        streaming: bool = True,
+        restart: bool = False,
+        on_end: Callable[[StreamMessage, bytes], None] | None = None,
+        on_delivered: Callable[[], None] | None = None,
     ) -> None:
-        self._publish = publish
-        self._max_packet_bytes = max_packet_bytes
+        """`on_end` gets the terminal message and its payload as it is sent; `on_delivered`
+        runs once the broker has it (or at once when it could not be sent at all)."""
+        self._outlet = outlet
         self.topic = topic
         self.request_id = request_id
         self._correlation_data = correlation_data
+        self._streaming = streaming
+        self._restart = restart
+        self._on_end = on_end
+        self._on_delivered = on_delivered
         self._lock = threading.RLock()
         self._seq = 0
         self._ended = False
@@ -54,9 +108,10 @@ class ReplyStream:
             if self._ended:
                 log.debug("dropping %s for %s: stream already ended", message.type, self.request_id)
                 return False
-            limit = self._payload_limit()
-            payload = message.to_payload(self.request_id, self._seq)
-            if limit is not None and len(payload) > limit:
+            if isinstance(message, Chunk) and not self._streaming:
+                return True  # stream: false; the text comes in the terminal message
+            payload = self._payload(message)
+            if not self._fits(payload, self._correlation_data):
                 if isinstance(message, Chunk) and len(message.text) > 1:
                     half = len(message.text) // 2
                     # Halves of a str never split a character; the lock is re-entrant.
@@ -64,30 +119,51 @@ class ReplyStream:
                         Chunk(message.text[half:])
                     )
                 log.error(
-                    "%s for %s is %d bytes, over the broker's limit of %d",
+                    "%s for %s is %d bytes, over the broker's limit of %s",
                     message.type,
                     self.request_id,
                     len(payload),
-                    limit,
+                    self._outlet.max_packet_bytes(),
                 )
-                if message.terminal:
-                    message = Error(
-                        ErrorCode.INTERNAL,
-                        "the answer is larger than the broker's maximum message size; its text "
-                        "came in the chunks (raise message_size_limit or lower max_tokens)",
+                if not message.terminal:
+                    return True  # a one-character chunk that cannot fit: its text is in done
+                message = Error(
+                    ErrorCode.INTERNAL,
+                    "the answer is larger than the broker's maximum message size; its text "
+                    "came in the chunks (raise message_size_limit or lower max_tokens)",
+                )
+                payload = self._payload(message)
+                if not self._fits(payload, self._correlation_data):
+                    log.error(
+                        "dropping the correlation data of %s: even an error would not fit",
+                        self.request_id,
                     )
-                    payload = message.to_payload(self.request_id, self._seq)
+                    self._correlation_data = None
             self._seq += 1
             self._ended = message.terminal
-            self._publish(self.topic, payload, self._correlation_data)
+            on_delivered = self._on_delivered if message.terminal else None
+            delivery = self._outlet.publish(
+                self.topic, payload, self._correlation_data, on_delivered
+            )
+            if message.terminal:
+                if self._on_end is not None:
+                    self._on_end(message, payload)
+                if delivery.refused and on_delivered is not None:
+                    # It will never be acknowledged; holding its question would only bring it
+                    # back after every reconnect.
+                    on_delivered()
             return True
 
-    def _payload_limit(self) -> int | None:
-        packet_limit = self._max_packet_bytes()
-        if packet_limit is None:
-            return None
-        used = len(self.topic.encode("utf-8")) + len(self._correlation_data or b"")
-        return packet_limit - used - _PACKET_OVERHEAD_BYTES
+    def _payload(self, message: StreamMessage) -> bytes:
+        return message.to_payload(
+            self.request_id, self._seq, restart=self._restart and not self._seq
+        )
+
+    def _fits(self, payload: bytes, correlation_data: bytes | None) -> bool:
+        limit = self._outlet.max_packet_bytes()
+        if limit is None:
+            return True
+        return self._outlet.packet_bytes(self.topic, len(payload), correlation_data) <= limit
 
 
 class ChunkBuffer:

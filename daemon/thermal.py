@@ -49,6 +49,15 @@ class ThermalGovernor:
     def __init__(
         self, soft_limit_c: float, hard_limit_c: float, resume_below_c: float, max_threads: int
     ) -> None:
+        if max_threads < 1:
+            raise ValueError(f"max_threads ({max_threads}) must be at least 1")
+        self.set_limits(soft_limit_c, hard_limit_c, resume_below_c)
+        self._max_threads = max_threads
+        self._threads = max_threads
+        self._overheated = False
+
+    def set_limits(self, soft_limit_c: float, hard_limit_c: float, resume_below_c: float) -> None:
+        """The temperatures that decide; the threads and pause carry over to the next reading."""
         if not soft_limit_c < hard_limit_c:
             raise ValueError(
                 f"soft_limit_c ({soft_limit_c}) must be below hard_limit_c ({hard_limit_c})"
@@ -57,14 +66,9 @@ class ThermalGovernor:
             raise ValueError(
                 f"resume_below_c ({resume_below_c}) must be below soft_limit_c ({soft_limit_c})"
             )
-        if max_threads < 1:
-            raise ValueError(f"max_threads ({max_threads}) must be at least 1")
         self._soft_limit_c = soft_limit_c
         self._hard_limit_c = hard_limit_c
         self._resume_below_c = resume_below_c
-        self._max_threads = max_threads
-        self._threads = max_threads
-        self._overheated = False
 
     @property
     def threads(self) -> int:

@@ -47,6 +47,25 @@ def is_allowed_reply_topic(topic: str, allowed_prefixes: tuple[str, ...]) -> boo
     return any(topic.startswith(prefix) for prefix in allowed_prefixes)
 
 
+def reply_topic_problem(topic: str, allowed_prefixes: tuple[str, ...]) -> str:
+    """For a person: why a Response Topic is refused (the caller knows that it is)."""
+    allowed = " or ".join(repr(p) for p in allowed_prefixes)
+    if not topic:
+        problem = "the response topic is empty"
+    elif topic.startswith("$"):
+        problem = f"response topic {topic!r} starts with '$', which is reserved for the broker"
+    elif any(c in topic for c in "+#"):
+        problem = (
+            f"response topic {topic!r} contains a wildcard ('+' or '#'); a reply needs one "
+            "exact topic"
+        )
+    elif "\0" in topic:
+        problem = "the response topic contains a NUL character"
+    else:
+        return f"response topic {topic!r} is not allowed; use a topic starting with {allowed}"
+    return f"{problem}; use an exact topic starting with {allowed}"
+
+
 def homeassistant_status(ha_prefix: str) -> str:
     """Where Home Assistant announces `online` after its own restart."""
     return f"{ha_prefix.rstrip('/')}/status"

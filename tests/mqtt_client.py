@@ -23,6 +23,8 @@ class Received:
     retain: bool
     correlation_data: bytes | None
     arrived_monotonic: float
+    content_type: str | None = None
+    payload_format: int | None = None
 
     def json(self) -> Any:
         return json.loads(self.payload)
@@ -33,7 +35,10 @@ class TestClient:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, port: int, *, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, port: int, *, host: str = "127.0.0.1", max_packet_bytes: int | None = None
+    ) -> None:
+        """`max_packet_bytes` is announced in CONNECT: the broker drops bigger packets to us."""
         self._cond = threading.Condition()
         self.received: list[Received] = []
         self._acked: set[int] = set()
@@ -44,7 +49,11 @@ class TestClient:
         )
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
-        self._client.connect(host, port)
+        properties = None
+        if max_packet_bytes is not None:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.MaximumPacketSize = max_packet_bytes
+        self._client.connect(host, port, properties=properties)
         self._client.loop_start()
 
     def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
@@ -55,6 +64,8 @@ class TestClient:
             bool(message.retain),
             getattr(props, "CorrelationData", None) if props else None,
             time.monotonic(),
+            getattr(props, "ContentType", None) if props else None,
+            getattr(props, "PayloadFormatIndicator", None) if props else None,
         )
         with self._cond:
             self.received.append(item)
@@ -102,7 +113,11 @@ class TestClient:
     ) -> list[Received]:
         with self._cond:
             if not self._cond.wait_for(lambda: predicate(self.received), timeout=timeout_s):
-                raise TimeoutError(f"condition not met within {timeout_s} s; got {self.received}")
+                last = [(r.topic, r.payload[:200]) for r in self.received[-8:]]
+                raise TimeoutError(
+                    f"condition not met within {timeout_s} s; got {len(self.received)} "
+                    f"messages, the last ones: {last}"
+                )
             return list(self.received)
 
     def on_topic(self, topic: str) -> list[Received]:

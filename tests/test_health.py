@@ -243,7 +243,7 @@ def test_health_arrives_every_interval_while_answering(
 
 
 def test_home_assistant_discovery_and_rediscovery(
-    start_daemon: DaemonFactory, client: TestClient, prefix: str
+    start_daemon: DaemonFactory, client: TestClient, prefix: str, model_path: Path
 ) -> None:
     ha_prefix = f"{prefix}-ha"
     client.subscribe(f"{ha_prefix}/#")
@@ -261,7 +261,8 @@ def test_home_assistant_discovery_and_rediscovery(
             health_topic=daemon.topic("health"),
             status_topic=daemon.topic("status"),
             interval_s=2,
-            model_name="kioskd",
+            # HA shows the loaded GGUF as the device's model.
+            model_name=model_path.stem.lower(),
             sw_version="0.1.0",
         )
     )

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from daemon.broker import Delivery
+from daemon.broker import JSON, Delivery, publish_packet_bytes
 from daemon.messages import Chunk, Done, Timing, Usage
 from daemon.ratelimit import RateLimiter
 from daemon.stream import ChunkBuffer, ReplyStream
@@ -17,21 +17,36 @@ from tests.mqtt_client import TestClient, assert_well_formed
 
 
 class Recorder:
-    """Stands in for the broker connection: keeps what the stream publishes."""
+    """Stands in for the broker connection: keeps what the stream publishes, and its sizes."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_packet_bytes: int | None = None) -> None:
         self.sent: list[dict[str, object]] = []
         self.sizes: list[int] = []
+        self._max_packet_bytes = max_packet_bytes
 
-    def __call__(self, topic: str, payload: bytes, correlation: bytes | None) -> Delivery:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        correlation_data: bytes | None,
+        on_delivered: Callable[[], None] | None,
+    ) -> Delivery:
         self.sent.append(json.loads(payload))
-        self.sizes.append(len(payload) + len(topic) + len(correlation or b"") + 64)
+        self.sizes.append(self.packet_bytes(topic, len(payload), correlation_data))
         return Delivery(None)
+
+    def packet_bytes(self, topic: str, payload_bytes: int, correlation_data: bytes | None) -> int:
+        return publish_packet_bytes(
+            topic, payload_bytes, correlation_data=correlation_data, content_type=JSON
+        )
+
+    def max_packet_bytes(self) -> int | None:
+        return self._max_packet_bytes
 
 
 def test_oversized_chunks_are_split_without_breaking_characters() -> None:
-    recorder = Recorder()
-    stream = ReplyStream(recorder, "k/answer/a", "a", b"corr", max_packet_bytes=lambda: 200)
+    recorder = Recorder(max_packet_bytes=200)
+    stream = ReplyStream(recorder, "k/answer/a", "a", b"corr")
     text = "Grüße aus der Fabrik, 工場からこんにちは! " * 4
     stream.send(Chunk(text))
     assert len(recorder.sent) > 1
@@ -41,8 +56,8 @@ def test_oversized_chunks_are_split_without_breaking_characters() -> None:
 
 
 def test_terminal_message_too_big_becomes_an_error_and_ends_the_stream() -> None:
-    recorder = Recorder()
-    stream = ReplyStream(recorder, "k/answer/b", "b", max_packet_bytes=lambda: 400)
+    recorder = Recorder(max_packet_bytes=400)
+    stream = ReplyStream(recorder, "k/answer/b", "b")
     done = Done("x" * 1000, "length", Usage(10, 300), Timing(0, 1, 2, 3))
     assert stream.send(done)
     assert recorder.sent[-1]["type"] == "error"

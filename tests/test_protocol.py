@@ -234,23 +234,6 @@ def test_deadline_expires_while_queued(
     assert slow[-1]["finish_reason"] == "length", "the running request was not harmed"
 
 
-def test_duplicate_active_id_is_refused_without_touching_the_first_stream(
-    start_daemon: DaemonFactory, client: TestClient, slow_tokens: dict[str, str]
-) -> None:
-    daemon = start_daemon(env=slow_tokens)
-    client.subscribe(daemon.topic("answer/twin"))
-    client.subscribe(daemon.topic("error"))
-    client.publish(daemon.topic("ask"), {"id": "twin", "question": "x", "max_tokens": 30})
-    client.wait_for(lambda got: any(r.json()["type"] == "chunk" for r in got))
-    client.publish(daemon.topic("ask"), {"id": "twin", "question": "y"})
-    refusal = client.wait_for(lambda got: any(r.topic.endswith("/error") for r in got))
-    error = next(r.json() for r in refusal if r.topic.endswith("/error"))
-    assert (error["id"], error["type"], error["code"]) == ("twin", "error", "invalid_request")
-    assert "already running" in error["message"]
-    first = assert_well_formed(client.stream(daemon.topic("answer/twin")), "twin")
-    assert first["type"] == "done", "the original stream still ends with its own done"
-
-
 def test_kioskd_ask_prints_the_streamed_answer(start_daemon: DaemonFactory, broker: Broker) -> None:
     daemon = start_daemon()
     port = broker.port
