@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import queue
+import select
 import signal
+import socket
 import ssl
 import threading
 import time
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 # How long shutdown waits for the broker to acknowledge the last messages.
 _FLUSH_TIMEOUT_S = 2.0
 
+_WAKE_UP = 0  # not a signal: wakes the signal loop for request_stop()
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
 # Every signal whose default action would end kioskd without a word: SIGHUP and SIGUSR1 have
 # jobs, the rest are logged and ignored. Faults (SIGSEGV, SIGABRT, ...) stay with faulthandler;
@@ -86,8 +89,12 @@ class App:
         self._model_name: str | None = None
         self._throttled = False
         self._config_path = config_path
-        self._wake = threading.Event()
-        self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        # Python runs signal handlers only when the main thread executes bytecode, and a main
+        # thread blocked on a lock may never see a signal that another thread received. The C
+        # handler writes each signal's number to this socket instead (signal.set_wakeup_fd),
+        # and the main loop waits on it with select().
+        self._signal_inbox, self._signal_outbox = socket.socketpair()
+        self._signal_outbox.setblocking(False)
         self._log = LogLimiter(log)
         self.scheduler = Scheduler(
             capacity=config.queue.capacity,
@@ -181,7 +188,8 @@ class App:
 
     def request_stop(self) -> None:
         self._stop.set()
-        self._wake.set()
+        with contextlib.suppress(OSError):  # full: the loop is awake already
+            self._signal_outbox.send(bytes([_WAKE_UP]))
 
     def _start_and_wait(self) -> int:
         log.info(
@@ -222,10 +230,10 @@ class App:
         """Until stopped: act on the signals the handler queued (it runs between bytecodes of
         this thread, so it only queues; a reload here cannot interrupt itself)."""
         while not self._stop.is_set():
-            self._wake.wait()
-            self._wake.clear()
-            while not self._signals.empty():
-                self._on_signal(self._signals.get())
+            select.select([self._signal_inbox], [], [])
+            for signum in self._signal_inbox.recv(256):
+                if signum != _WAKE_UP:
+                    self._on_signal(signum)
 
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -239,7 +247,9 @@ class App:
             elif signum == signal.SIGUSR1:
                 log.info("state: %s", self.state_dump())
             else:
-                log.warning(
+                self._log.log(
+                    logging.WARNING,
+                    f"signal {name}",
                     "received %s; ignored (SIGHUP reloads the configuration, SIGUSR1 logs the "
                     "state, SIGTERM stops)",
                     name,
@@ -341,6 +351,10 @@ class App:
                 # Freeing the model under a generation that may still be inside llama.cpp could
                 # crash the exit; the process's end frees it instead.
                 log.warning("exiting without freeing the model: the generation thread is hung")
+        if threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(-1)
+        self._signal_inbox.close()
+        self._signal_outbox.close()
         log.info("kioskd stopped")
 
     def _report_fatal(self, code: ErrorCode, message: str) -> None:
@@ -354,11 +368,13 @@ class App:
             return  # tests may run the app in a thread; they call request_stop() instead
 
         def handle(signum: int, _frame: FrameType | None) -> None:
-            self._signals.put(signum)
+            # The work is done by _serve_signals, which reads the number from the wakeup
+            # socket. A stop is also flagged here for a model load, which does not serve
+            # signals; the main thread never waits on this event, so this cannot deadlock.
             if signum in _STOP_SIGNALS:
-                self._stop.set()  # also ends a model load, which does not serve signals
-            self._wake.set()
+                self._stop.set()
 
+        signal.set_wakeup_fd(self._signal_outbox.fileno(), warn_on_full_buffer=False)
         for signum in _HANDLED_SIGNALS:
             signal.signal(signum, handle)
 
