@@ -196,7 +196,7 @@ def _cancel_note(target: Target, answer: Answer) -> str:
     if not answer.sent_monotonic:
         return "the question was not sent"
     confirmed = (
-        "the broker has it"
+        "the broker acknowledged it"
         if answer.cancel_acknowledged
         else "the broker did not confirm it in time"
     )

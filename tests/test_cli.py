@@ -81,7 +81,9 @@ def test_ctrl_c_cancels_the_question_and_exits_130(
     shown = terminal.output()
     assert rc == exitcodes.INTERRUPTED, shown
     assert "Traceback" not in shown
-    assert f"interrupted; asked {prefix} to cancel {request_id} (the broker has it)" in shown
+    assert (
+        f"interrupted; asked {prefix} to cancel {request_id} (the broker acknowledged it)" in shown
+    )
     wait_cancelled(watcher, prefix, request_id)
 
 
