@@ -19,7 +19,14 @@ import yaml
 from daemon import exitcodes
 from tests.conftest import REPO, Broker, DaemonFactory, free_port
 from tests.mqtt_client import TestClient
-from tests.security_broker import write_passwd
+from tests.security_broker import (
+    KIOSK_PREFIX,
+    TERMINAL_USER,
+    SecureBroker,
+    daemon_config,
+    make_pki,
+    write_passwd,
+)
 from tests.terminal import Terminal
 
 KIOSKD = [sys.executable, "-m", "daemon"]
@@ -176,6 +183,46 @@ def test_a_refused_login_says_so(tmp_path: Path) -> None:
     assert result.returncode == exitcodes.BROKER_REFUSED
     assert f"broker 127.0.0.1:{port} refused the connection: Not authorized" in result.stderr
     assert "wrong" not in result.stderr  # the password itself is never shown
+
+
+def test_ask_and_status_log_in_over_tls_as_the_config_says(
+    start_daemon: DaemonFactory, tmp_path: Path
+) -> None:
+    """The operator's way: --config gives broker, user, password file, CA and prefix."""
+    pki = make_pki(tmp_path / "pki")
+    (tmp_path / "broker").mkdir()
+    secure = SecureBroker(tmp_path / "broker", pki)
+    secure.start()
+    try:
+        kiosk_secret, terminal_secret = tmp_path / "kiosk.pass", tmp_path / "terminal.pass"
+        kiosk_secret.write_text(secure.kiosk_password + "\n")
+        terminal_secret.write_text(secure.terminal_password + "\n")
+        start_daemon(
+            daemon_config(secure.port, ca=pki.ca, password_file=kiosk_secret),
+            port=secure.port,
+            wait_online=False,
+        )
+        config = tmp_path / "terminal.yaml"
+        terminal = {
+            "host": "127.0.0.1",
+            "port": secure.port,
+            "username": TERMINAL_USER,
+            "password_file": str(terminal_secret),
+            "topic_prefix": KIOSK_PREFIX,
+            "tls": {"ca_file": str(pki.ca)},
+        }
+        config.write_text(yaml.safe_dump({"mqtt": terminal}))
+        deadline = time.monotonic() + 60
+        while (status := kioskd("status", "--config", str(config))).returncode != exitcodes.OK:
+            assert status.returncode == exitcodes.NO_KIOSK, status.stderr  # not online yet
+            assert time.monotonic() < deadline, status.stderr
+        assert f"Kiosk     {KIOSK_PREFIX} " in status.stdout
+        asked = kioskd("ask", "Hi", "--json", "--max-tokens", "3", "--config", str(config))
+        assert asked.returncode == exitcodes.OK, asked.stderr
+        assert json.loads(asked.stdout.splitlines()[-1])["type"] == "done"
+        assert secure.terminal_password not in asked.stdout + asked.stderr + status.stderr
+    finally:
+        secure.stop()
 
 
 @pytest.mark.parametrize("command", ["ask", "status"])
