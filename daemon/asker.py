@@ -242,7 +242,12 @@ def _collect(
         kind, inbound, arrived = event
         if kind != "message" or inbound.topic != reply_topic:
             continue  # the kiosk's status may change while it answers; its stream says the rest
-        message = json.loads(inbound.payload)
+        try:
+            message = json.loads(inbound.payload)
+        except ValueError:
+            continue  # not from a kiosk: every reply is a JSON object
+        if not isinstance(message, dict) or message.get("code") == "duplicate_id":
+            continue  # a duplicate_id refusal never ends the request it names (PROTOCOL.md)
         answer.messages.append(message)
         answer.arrivals_monotonic.append(arrived)
         if message.get("type") == "chunk" and answer.first_chunk_monotonic is None:
