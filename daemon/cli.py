@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import json
 import logging
-import socket
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from daemon import __version__, exitcodes
-from daemon.config import Config, ConfigError, config_warnings, load, sanitize_device_id
+from daemon import __version__, askcli, exitcodes
+from daemon.config import Config, ConfigError, config_warnings, load
 
 log = logging.getLogger("daemon")
 
@@ -38,20 +35,35 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, required=True)
     check.set_defaults(handler=_check_config)
 
-    ask = commands.add_parser("ask", help="ask a kiosk a question and print the streamed answer")
+    ask = commands.add_parser(
+        "ask",
+        help="ask a kiosk a question and print the streamed answer",
+        epilog=askcli.EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ask.add_argument("question")
     _add_target_options(ask)
     ask.add_argument("--max-tokens", type=int, help="longest answer in tokens")
     ask.add_argument("--temperature", type=float)
     ask.add_argument("--timeout-s", type=float, default=120.0, help="give up after this long")
     ask.add_argument("--json", action="store_true", help="print every stream message as JSON")
-    ask.set_defaults(handler=_ask)
+    ask.add_argument(
+        "--no-stream", action="store_true", help='ask with "stream": false (one message at the end)'
+    )
+    ask.set_defaults(handler=askcli.run_ask)
 
-    status = commands.add_parser("status", help="print a kiosk's latest health as a table")
+    status = commands.add_parser(
+        "status",
+        help="print a kiosk's latest health as a table",
+        epilog=askcli.EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_target_options(status)
-    status.add_argument("--timeout-s", type=float, default=5.0, help="wait this long for it")
+    status.add_argument(
+        "--timeout-s", type=float, default=2.0, help="wait this long for the retained messages"
+    )
     status.add_argument("--json", action="store_true", help="print the raw health JSON")
-    status.set_defaults(handler=_status)
+    status.set_defaults(handler=askcli.run_status)
 
     fetch = commands.add_parser(
         "fetch-model", help="download the production model (Qwen2.5-0.5B-Instruct)"
@@ -187,142 +199,6 @@ def _check_config(args: argparse.Namespace) -> int:
     for warning in config_warnings(config):
         print(f"{args.config}: warning: {warning}", file=sys.stderr)
     print(f"{args.config}: OK (device {config.device_id}, topics under {config.topic_prefix}/)")
-    return exitcodes.OK
-
-
-def _target(args: argparse.Namespace) -> tuple[str, int, str] | None:
-    """Broker host, port and kiosk prefix from --host/--port/--prefix, else --config."""
-    config = _load_or_report(args.config)
-    if config is None:
-        return None
-    host = args.host or config.mqtt.host
-    port = args.port or config.mqtt.port
-    if args.prefix:
-        prefix = args.prefix
-    elif args.config:
-        prefix = config.topic_prefix
-    else:
-        prefix = f"kiosk/{sanitize_device_id(socket.gethostname())}"
-    return host, port, prefix
-
-
-def _status(args: argparse.Namespace) -> int:
-    from daemon.asker import read_retained  # noqa: PLC0415
-    from daemon.topics import Topics  # noqa: PLC0415
-
-    target = _target(args)
-    if target is None:
-        return exitcodes.CONFIG_ERROR
-    host, port, prefix = target
-    topics = Topics(prefix)
-    retained = read_retained(
-        [topics.status, topics.health], host=host, port=port, timeout_s=args.timeout_s
-    )
-    if topics.health not in retained:
-        status = retained.get(topics.status, b"unknown").decode("utf-8", "replace")
-        print(f"{prefix}: no health message on {host}:{port} (status: {status})", file=sys.stderr)
-        return exitcodes.FAILURE
-    health = json.loads(retained[topics.health])
-    if args.json:
-        print(json.dumps(health, indent=2, ensure_ascii=False))
-    else:
-        status = retained.get(topics.status, b"unknown").decode("utf-8", "replace")
-        print(render_health(prefix, status, health))
-    return exitcodes.OK
-
-
-def render_health(prefix: str, status: str, health: dict[str, Any]) -> str:
-    """A kiosk's health as a short table for a terminal; null readings show as '-'."""
-
-    def show(value: object, unit: str = "") -> str:
-        return "-" if value is None else f"{value}{unit}"
-
-    cpu, memory, thermal = health["cpu"], health["memory"], health["thermal"]
-    throttled = thermal["throttled"]
-    zones = ", ".join(f"{name} {show(temp, ' C')}" for name, temp in thermal["zones"].items())
-    cores = " ".join(show(c) for c in cpu["per_core"] or [])
-    load = " ".join(show(x) for x in cpu["load"] or [])
-    model, queue, counters, last = (
-        health["model"],
-        health["queue"],
-        health["counters"],
-        health["last"],
-    )
-    rows = [
-        (
-            "Kiosk",
-            f"{prefix} ({health['device']}): {status}, state {health['state']}, "
-            f"up {health['uptime_s']} s",
-        ),
-        (
-            "CPU",
-            f"{show(cpu['percent'], ' %')} [{cores}], {show(cpu['freq_mhz'], ' MHz')}, "
-            f"load {load or '-'}",
-        ),
-        (
-            "Memory",
-            f"{show(memory['available_mb'])} of {show(memory['total_mb'])} MiB free, "
-            f"kioskd RSS {show(memory['rss_mb'], ' MiB')}",
-        ),
-        (
-            "Thermal",
-            f"CPU {show(thermal['cpu_c'], ' C')}; throttled now "
-            f"{show(throttled['now'])}, since boot {show(throttled['since_boot'])} "
-            f"{' '.join(throttled['flags'])}".rstrip(),
-        ),
-        ("Zones", zones or "-"),
-        (
-            "Model",
-            f"{show(model['name'])}, {show(model['threads'])} threads, ctx {show(model['ctx'])}",
-        ),
-        ("Queue", f"{queue['depth']} waiting of {queue['capacity']}"),
-        ("Counters", ", ".join(f"{k} {v}" for k, v in counters.items())),
-        (
-            "Last",
-            f"{show(last['tokens_per_s'], ' tok/s')}, first token "
-            f"{show(last['first_token_ms'], ' ms')}",
-        ),
-    ]
-    return "\n".join(f"{name:<9} {text}" for name, text in rows)
-
-
-def _ask(args: argparse.Namespace) -> int:
-    from daemon.asker import Answer, ask  # noqa: PLC0415
-
-    target = _target(args)
-    if target is None:
-        return exitcodes.CONFIG_ERROR
-    host, port, prefix = target
-
-    def show(message: dict[str, object]) -> None:
-        if args.json:
-            print(json.dumps(message, ensure_ascii=False), flush=True)
-        elif message.get("type") == "chunk":
-            print(message.get("text", ""), end="", flush=True)
-        elif message.get("type") == "queued":
-            print(f"[queued, position {message.get('position')}]", file=sys.stderr, flush=True)
-
-    answer: Answer = ask(
-        args.question,
-        host=host,
-        port=port,
-        prefix=prefix,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        timeout_s=args.timeout_s,
-        on_message=show,
-    )
-    if answer.final is None:
-        print(
-            f"\nno answer within {args.timeout_s:g} s from {prefix} on {host}:{port}",
-            file=sys.stderr,
-        )
-        return 2
-    if answer.final.get("type") == "error":
-        print(f"error {answer.final.get('code')}: {answer.final.get('message')}", file=sys.stderr)
-        return exitcodes.FAILURE
-    if not args.json:
-        print()
     return exitcodes.OK
 
 

@@ -1,0 +1,321 @@
+"""`kioskd ask` and `kioskd status`: one kiosk as a terminal user sees it, with exit codes that
+say what is missing (broker, login, kiosk) instead of a traceback or a long wait."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from daemon import exitcodes
+from daemon.asker import (
+    Answer,
+    Login,
+    Reason,
+    UnavailableError,
+    ask,
+    no_kiosk_message,
+    offline_message,
+    read_retained,
+)
+from daemon.config import Config, ConfigError, load, sanitize_device_id
+from daemon.messages import new_request_id
+from daemon.topics import Topics
+
+EXIT_CODES_HELP = f"""exit codes:
+  {exitcodes.OK:<3}  answered (ask); online with a health message (status)
+  {exitcodes.FAILURE:<3}  the kiosk answered with an error (ask); online, no health (status)
+  {exitcodes.NO_KIOSK:<3}  no kiosk at this prefix on this broker (no retained P/status)
+  {exitcodes.BROKER_UNREACHABLE:<3}  the broker cannot be reached
+  {exitcodes.KIOSK_OFFLINE:<3}  the kiosk is offline
+  {exitcodes.BROKER_REFUSED:<3}  the broker refused the login or a subscription
+  {exitcodes.CONFIG_ERROR:<3}  --config cannot be read or is invalid
+  {exitcodes.NO_ANSWER:<3}  no answer within --timeout-s (ask; the question is cancelled)
+  {exitcodes.INTERRUPTED:<3}  Ctrl-C (ask; the question is cancelled)
+  {exitcodes.OUTPUT_CLOSED:<3}  output closed, e.g. by `| head` (ask; the question is cancelled)
+"""
+
+_EXIT_CODES = {
+    Reason.NO_KIOSK: exitcodes.NO_KIOSK,
+    Reason.BROKER_UNREACHABLE: exitcodes.BROKER_UNREACHABLE,
+    Reason.KIOSK_OFFLINE: exitcodes.KIOSK_OFFLINE,
+    Reason.BROKER_REFUSED: exitcodes.BROKER_REFUSED,
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    prefix: str
+    login: Login
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _quiet_retries(record: logging.LogRecord) -> bool:
+    """broker.Connection logs each problem as it retries; this CLI says it once, then exits."""
+    return not record.getMessage().endswith("(retrying with backoff)")
+
+
+def _say(command: str, text: str) -> None:
+    print(f"kioskd {command}: {text}", file=sys.stderr, flush=True)
+
+
+def _target(args: argparse.Namespace, command: str) -> Target | None:
+    """Broker, login and kiosk prefix from --host/--port/--prefix, else --config; None: reported."""
+    logging.getLogger("daemon.broker").addFilter(_quiet_retries)
+    try:
+        config = Config() if args.config is None else load(args.config)
+        login = Login(
+            username=config.mqtt.username,
+            password=config.mqtt_password(),
+            tls_context=_tls_context(config),
+            protocol=config.mqtt.protocol,
+        )
+    except ConfigError as exc:
+        for problem in exc.problems:
+            _say(command, problem)
+        return None
+    host = args.host or config.mqtt.host
+    port = args.port or config.mqtt.port
+    if args.prefix:
+        prefix = args.prefix
+    elif args.config:
+        prefix = config.topic_prefix
+    else:
+        prefix = f"kiosk/{sanitize_device_id(socket.gethostname())}"
+    return Target(host, port, prefix, login)
+
+
+def _tls_context(config: Config) -> Any:
+    if not config.mqtt.tls.active:
+        return None
+    # daemon.app loads llama.cpp; only a TLS broker pays for that import.
+    from daemon.app import tls_context  # noqa: PLC0415
+
+    return tls_context(config.mqtt.tls)
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    target = _target(args, "ask")
+    if target is None:
+        return exitcodes.CONFIG_ERROR
+    answer = Answer(new_request_id())
+    shown: list[str] = []  # answer text printed so far (plain output)
+
+    def show(message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if args.json:
+            print(json.dumps(message, ensure_ascii=False), flush=True)
+            return
+        if message.get("restart") and shown:
+            # The kiosk crashed and answers again from the start (docs/protocol.md).
+            print("\n[the kiosk restarted; the answer starts again]", file=sys.stderr, flush=True)
+            shown.clear()
+        if kind == "chunk":
+            shown.append(str(message.get("text", "")))
+            print(shown[-1], end="", flush=True)
+        elif kind == "queued":
+            print(f"[queued, position {message.get('position')}]", file=sys.stderr, flush=True)
+        elif kind == "done":
+            # With `stream: false` (or a chunk that never came) the text is only here.
+            text, so_far = message.get("text"), "".join(shown)
+            if isinstance(text, str) and text.startswith(so_far):
+                print(text[len(so_far) :], end="", flush=True)
+
+    try:
+        ask(
+            args.question,
+            host=target.host,
+            port=target.port,
+            prefix=target.prefix,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            timeout_s=args.timeout_s,
+            on_message=show,
+            stream=not args.no_stream,
+            check_status=True,
+            login=target.login,
+            into=answer,
+        )
+        return _ask_result(args, target, answer)
+    except UnavailableError as exc:
+        _say("ask", str(exc))
+        return _EXIT_CODES[exc.reason]
+    except KeyboardInterrupt:
+        # A second Ctrl-C while this line is written must not end in a traceback either.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _end_line(args, answer)
+        _say("ask", f"interrupted; {_cancel_note(target, answer)}")
+        return exitcodes.INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`| head`); the standard recipe: stop quietly, and point stdout
+        # at /dev/null so that Python's final flush at exit does not fail once more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return exitcodes.OUTPUT_CLOSED
+
+
+def _ask_result(args: argparse.Namespace, target: Target, answer: Answer) -> int:
+    final = answer.final
+    if final is None:
+        _end_line(args, answer)
+        _say(
+            "ask",
+            f"no answer within {args.timeout_s:g} s from {target.prefix} on {target.where}; "
+            f"{_cancel_note(target, answer)}",
+        )
+        return exitcodes.NO_ANSWER
+    if final.get("type") == "error":
+        _end_line(args, answer)
+        retry = final.get("retry_after_s")
+        hint = f" (retry after {retry} s)" if retry is not None else ""
+        _say("ask", f"error {final.get('code')}: {final.get('message')}{hint}")
+        return exitcodes.FAILURE
+    if not args.json:
+        print(flush=True)
+    return exitcodes.OK
+
+
+def _end_line(args: argparse.Namespace, answer: Answer) -> None:
+    """End a half-printed answer line so that the next message starts on its own."""
+    if not args.json and any(m.get("type") == "chunk" for m in answer.messages):
+        print(flush=True)
+
+
+def _cancel_note(target: Target, answer: Answer) -> str:
+    if not answer.sent_monotonic:
+        return "the question was not sent"
+    confirmed = (
+        "the broker acknowledged it"
+        if answer.cancel_acknowledged
+        else "the broker did not confirm it in time"
+    )
+    return f"asked {target.prefix} to cancel {answer.request_id} ({confirmed})"
+
+
+def run_status(args: argparse.Namespace) -> int:
+    target = _target(args, "status")
+    if target is None:
+        return exitcodes.CONFIG_ERROR
+    topics = Topics(target.prefix)
+    try:
+        retained = read_retained(
+            [topics.status, topics.health],
+            host=target.host,
+            port=target.port,
+            timeout_s=args.timeout_s,
+            login=target.login,
+        )
+    except UnavailableError as exc:
+        _say("status", str(exc))
+        return _EXIT_CODES[exc.reason]
+    status_payload = retained.payloads.get(topics.status)
+    status = None if status_payload is None else status_payload.decode("utf-8", "replace")
+    health: dict[str, Any] | None = None
+    if topics.health in retained.payloads:
+        try:
+            health = json.loads(retained.payloads[topics.health])
+        except ValueError:
+            _say("status", f"{topics.health} is not JSON: {retained.payloads[topics.health]!r}")
+    if health is not None:
+        # An offline kiosk's last health still tells what it was doing, and how long ago.
+        if args.json:
+            print(json.dumps(health, indent=2, ensure_ascii=False))
+        else:
+            print(render_health(target.prefix, status or "unknown", health, retained.read_at))
+    if status is None:
+        _say("status", no_kiosk_message(topics, target.where))
+        return exitcodes.NO_KIOSK
+    if status != "online":
+        _say("status", offline_message(topics, target.where, status))
+        return exitcodes.KIOSK_OFFLINE
+    if health is None:
+        _say("status", f"{target.prefix} is online, but nothing is retained on {topics.health}")
+        return exitcodes.FAILURE
+    return exitcodes.OK
+
+
+def describe_age(age_s: float) -> str:
+    """'3 s ago', '5 min ago', '2.5 h ago', '3.0 days ago' (or how far ahead a clock is)."""
+    if age_s < -2:
+        return f"{-age_s:.0f} s in the future (the kiosk's clock is ahead)"
+    age_s = max(age_s, 0.0)
+    if age_s < 120:
+        return f"{age_s:.0f} s ago"
+    if age_s < 7200:
+        return f"{age_s / 60:.0f} min ago"
+    if age_s < 2 * 86400:
+        return f"{age_s / 3600:.1f} h ago"
+    return f"{age_s / 86400:.1f} days ago"
+
+
+def render_health(prefix: str, status: str, health: dict[str, Any], now: float) -> str:
+    """A kiosk's health as a short table for a terminal; null readings show as '-'."""
+
+    def show(value: object, unit: str = "") -> str:
+        return "-" if value is None else f"{value}{unit}"
+
+    cpu, memory, thermal = health["cpu"], health["memory"], health["thermal"]
+    throttled = thermal["throttled"]
+    zones = ", ".join(f"{name} {show(temp, ' C')}" for name, temp in thermal["zones"].items())
+    cores = " ".join(show(c) for c in cpu["per_core"] or [])
+    load = " ".join(show(x) for x in cpu["load"] or [])
+    model, queue, counters, last = (
+        health["model"],
+        health["queue"],
+        health["counters"],
+        health["last"],
+    )
+    ts = health.get("ts")
+    sent = (
+        f"from {describe_age(now - ts)} ({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts))})"
+        if isinstance(ts, int | float)
+        else "of unknown age (no ts)"
+    )
+    rows = [
+        (
+            "Kiosk",
+            f"{prefix} ({health['device']}): {status}, state {health['state']}, "
+            f"up {health['uptime_s']} s",
+        ),
+        ("Health", sent),
+        (
+            "CPU",
+            f"{show(cpu['percent'], ' %')} [{cores}], {show(cpu['freq_mhz'], ' MHz')}, "
+            f"load {load or '-'}",
+        ),
+        (
+            "Memory",
+            f"{show(memory['available_mb'])} of {show(memory['total_mb'])} MiB free, "
+            f"kioskd RSS {show(memory['rss_mb'], ' MiB')}",
+        ),
+        (
+            "Thermal",
+            f"CPU {show(thermal['cpu_c'], ' C')}; throttled now "
+            f"{show(throttled['now'])}, since boot {show(throttled['since_boot'])} "
+            f"{' '.join(throttled['flags'])}".rstrip(),
+        ),
+        ("Zones", zones or "-"),
+        (
+            "Model",
+            f"{show(model['name'])}, {show(model['threads'])} threads, ctx {show(model['ctx'])}",
+        ),
+        ("Queue", f"{queue['depth']} waiting of {queue['capacity']}"),
+        ("Counters", ", ".join(f"{k} {v}" for k, v in counters.items())),
+        (
+            "Last",
+            f"{show(last['tokens_per_s'], ' tok/s')}, first token "
+            f"{show(last['first_token_ms'], ' ms')}",
+        ),
+    ]
+    return "\n".join(f"{name:<9} {text}" for name, text in rows)
