@@ -20,6 +20,8 @@ from daemon.messages import (
     Request,
     RequestError,
     StreamMessage,
+    Timing,
+    Usage,
     duplicate_id_payload,
     parse_request,
 )
@@ -181,15 +183,17 @@ class Intake:
             self._scheduler.reject(self._stream(fallback, error_id, message), error)
             return None
         topic = response_topic or self._topics.answer(request.id)
-        problem = self._no_room(topic, message.correlation_data)
+        problem = self._no_room(topic, message.correlation_data, request)
         if problem is None:
             return topic
         # Answer on a topic and with correlation data that fit, so that the error can be sent.
         error = RequestError(ErrorCode.TOO_LARGE, problem, error_id)
         # An id-less sender cannot know P/answer/{generated id}: P/error, unless it named a topic.
         knows_topic = request.id_chosen or response_topic is not None
-        error_topic = topic if knows_topic and self._no_room(topic, None) is None else fallback
-        keep_correlation = self._no_room(error_topic, message.correlation_data) is None
+        error_topic = (
+            topic if knows_topic and self._no_room(topic, None, request) is None else fallback
+        )
+        keep_correlation = self._no_room(error_topic, message.correlation_data, request) is None
         log.warning(
             "request %s refused: %s%s",
             request.id,
@@ -197,22 +201,36 @@ class Intake:
             "" if keep_correlation else "; its error goes without the correlation data",
             extra={"request_id": request.id, "code": str(error.code)},
         )
-        stream = self._stream(error_topic, error_id, message, correlation_data=keep_correlation)
+        stream = self._stream(
+            error_topic,
+            error_id,
+            message,
+            correlation_data=keep_correlation,
+            max_message_bytes=request.max_message_bytes,
+        )
         self._scheduler.reject(stream, error)
         return None
 
-    def _no_room(self, topic: str, correlation_data: bytes | None) -> str | None:
-        """Why replies on `topic` with this correlation data cannot fit the broker's limit."""
-        limit = self._connection.max_packet_bytes
-        if limit is None:
-            return None
-        needed = self._outlet.packet_bytes(topic, _MIN_REPLY_PAYLOAD_BYTES, correlation_data)
-        if needed <= limit:
+    def _no_room(self, topic: str, correlation_data: bytes | None, request: Request) -> str | None:
+        """Why replies on `topic` with this correlation data cannot fit the limits."""
+        broker_limit = self._connection.max_packet_bytes
+        if (
+            broker_limit is not None
+            and self._outlet.packet_bytes(topic, _MIN_REPLY_PAYLOAD_BYTES, correlation_data)
+            > broker_limit
+        ):
+            limit, whose = broker_limit, "the broker's maximum packet size"
+        elif request.max_message_bytes is not None and (
+            self._outlet.packet_bytes(topic, _smallest_done_bytes(request.id), correlation_data)
+            > request.max_message_bytes
+        ):
+            limit, whose = request.max_message_bytes, "max_message_bytes"
+        else:
             return None
         return (
             f"the reply topic ({len(topic.encode('utf-8'))} bytes) and correlation data "
-            f"({len(correlation_data or b'')} bytes) leave no room for an answer within the "
-            f"broker's maximum packet size of {limit} bytes; shorten them"
+            f"({len(correlation_data or b'')} bytes) leave no room for an answer within "
+            f"{whose} of {limit} bytes; shorten them"
         )
 
     def _error_topic(self, error: RequestError, message: Inbound) -> str:
@@ -316,6 +334,7 @@ class Intake:
         request: Request | None = None,
         *,
         correlation_data: bool = True,
+        max_message_bytes: int | None = None,
     ) -> ReplyStream:
         """The reply stream of `message`; with `request`, of an accepted one (remembered)."""
         on_end = None
@@ -333,10 +352,20 @@ class Intake:
             request_id,
             message.correlation_data if correlation_data else None,
             streaming=request.stream if request is not None else True,
+            max_message_bytes=request.max_message_bytes
+            if request is not None
+            else max_message_bytes,
             restart=message.dup,
             on_end=on_end,
             on_delivered=self._acknowledger(message),
         )
+
+
+def _smallest_done_bytes(request_id: str) -> int:
+    """The payload of a done with everything left out that may be (PROTOCOL.md, "Tiny devices"),
+    with room for a restart flag, a long seq and one more character."""
+    smallest = Done("", "cancelled", Usage(0, 0), Timing(0.0, None, 0.0, None)).smaller()[-1]
+    return len(smallest.to_payload(request_id, 99999, restart=True)) + 4
 
 
 def _question_digest(request: Request) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -16,6 +17,9 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 ID_RULE = "1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
 MAX_JSON_DEPTH = 32
+# PROTOCOL.md "Tiny devices": a request's max_message_bytes; 192 leaves a done room for its id.
+MIN_MESSAGE_BYTES = 192
+MAX_MESSAGE_BYTES = 65536
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline"]
 
@@ -49,6 +53,8 @@ class Request:
     stream: bool = True
     # Whether the client chose the id; errors name only such ids (a generated one is unknown).
     id_chosen: bool = True
+    # The largest PUBLISH packet the client can take (PROTOCOL.md, "Tiny devices").
+    max_message_bytes: int | None = None
 
 
 class RequestError(Exception):
@@ -172,6 +178,16 @@ def _request_from_fields(fields: dict[str, Any], max_question_chars: int) -> Req
     stream = fields.get("stream", True)
     if not isinstance(stream, bool):
         raise invalid("stream", "must be true or false")
+    max_message_bytes = fields.get("max_message_bytes")
+    if max_message_bytes is not None and (
+        isinstance(max_message_bytes, bool)
+        or not isinstance(max_message_bytes, int)
+        or not MIN_MESSAGE_BYTES <= max_message_bytes <= MAX_MESSAGE_BYTES
+    ):
+        raise invalid(
+            "max_message_bytes",
+            f"must be a whole number of bytes from {MIN_MESSAGE_BYTES} to {MAX_MESSAGE_BYTES}",
+        )
     return Request(
         request_id,
         question,
@@ -180,6 +196,7 @@ def _request_from_fields(fields: dict[str, Any], max_question_chars: int) -> Req
         deadline_s,
         stream=stream,
         id_chosen=raw_id is not None,
+        max_message_bytes=max_message_bytes,
     )
 
 
@@ -309,23 +326,40 @@ class Done(StreamMessage):
     finish_reason: FinishReason
     usage: Usage
     timing: Timing
+    # Parts left out to fit a small packet, in this order (PROTOCOL.md, "Tiny devices").
+    omitted: tuple[str, ...] = ()
 
     def fields(self) -> dict[str, Any]:
         timing = self.timing
-        return {
-            "text": self.text,
-            "finish_reason": self.finish_reason,
-            "usage": {
+        body: dict[str, Any] = {}
+        if "text" in self.omitted:
+            body["text_omitted"] = True  # the client has the text from the chunks
+        else:
+            body["text"] = self.text
+        body["finish_reason"] = self.finish_reason
+        if "usage" not in self.omitted:
+            body["usage"] = {
                 "prompt_tokens": self.usage.prompt_tokens,
                 "completion_tokens": self.usage.completion_tokens,
-            },
-            "timing": {
+            }
+        if "timing" not in self.omitted:
+            body["timing"] = {
                 "queued_ms": round(timing.queued_ms, 1),
                 "first_token_ms": _round(timing.first_token_ms),
                 "total_ms": round(timing.total_ms, 1),
                 "tokens_per_s": _round(timing.tokens_per_s),
-            },
-        }
+            }
+        return body
+
+    def smaller(self) -> list[Done]:
+        """Ever smaller copies: without text, then without timing, then without usage."""
+        return [
+            dataclasses.replace(self, omitted=_DONE_OMISSIONS[: count + 1])
+            for count in range(len(self.omitted), len(_DONE_OMISSIONS))
+        ]
+
+
+_DONE_OMISSIONS = ("text", "timing", "usage")
 
 
 @dataclass(frozen=True)
@@ -341,6 +375,12 @@ class Error(StreamMessage):
         if self.retry_after_s is not None:
             body["retry_after_s"] = self.retry_after_s
         return body
+
+    def shortened(self, cut_bytes: int) -> Error:
+        """This error with its message `cut_bytes` shorter in UTF-8 (never mid-character)."""
+        encoded = self.message.encode("utf-8")
+        kept = encoded[: max(0, len(encoded) - cut_bytes - 3)].decode("utf-8", "ignore")
+        return dataclasses.replace(self, message=kept + "...")
 
 
 def _round(value: float | None) -> float | None:

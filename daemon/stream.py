@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from daemon.broker import JSON, Connection, Delivery
-from daemon.messages import Chunk, Error, ErrorCode, StreamMessage
+from daemon.messages import Chunk, Done, Error, ErrorCode, StreamMessage
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class ReplyStream:
         restart: bool = False,
         on_end: Callable[[StreamMessage, bytes], None] | None = None,
         on_delivered: Callable[[], None] | None = None,
+        max_message_bytes: int | None = None,
     ) -> None:
         """`on_end` gets the terminal message and its payload as it is sent; `on_delivered`
         runs once the broker has it (or at once when it could not be sent at all)."""
@@ -94,6 +95,8 @@ class ReplyStream:
         self._restart = restart
         self._on_end = on_end
         self._on_delivered = on_delivered
+        # The requester's own limit (max_message_bytes), on top of the broker's.
+        self._max_message_bytes = max_message_bytes
         self._lock = threading.RLock()
         self._seq = 0
         self._ended = False
@@ -101,8 +104,9 @@ class ReplyStream:
     def send(self, message: StreamMessage) -> bool:
         """Publish `message`; False (and nothing sent) when the stream has already ended.
 
-        A message bigger than the broker accepts would make it drop the connection, so a chunk
-        is split into smaller chunks, and a terminal message that cannot fit becomes an error.
+        Nothing bigger than the limit is sent (the broker would drop the connection, a tiny
+        client would drop the message): a chunk is split into smaller chunks, a `done` leaves
+        out its text, then its timing, then its usage, and an error's message is cut short.
         """
         with self._lock:
             if self._ended:
@@ -111,34 +115,11 @@ class ReplyStream:
             if isinstance(message, Chunk) and not self._streaming:
                 return True  # stream: false; the text comes in the terminal message
             payload = self._payload(message)
-            if not self._fits(payload, self._correlation_data):
-                if isinstance(message, Chunk) and len(message.text) > 1:
-                    half = len(message.text) // 2
-                    # Halves of a str never split a character; the lock is re-entrant.
-                    return self.send(Chunk(message.text[:half])) and self.send(
-                        Chunk(message.text[half:])
-                    )
-                log.error(
-                    "%s for %s is %d bytes, over the broker's limit of %s",
-                    message.type,
-                    self.request_id,
-                    len(payload),
-                    self._outlet.max_packet_bytes(),
-                )
-                if not message.terminal:
-                    return True  # a one-character chunk that cannot fit: its text is in done
-                message = Error(
-                    ErrorCode.INTERNAL,
-                    "the answer is larger than the broker's maximum message size; its text "
-                    "came in the chunks (raise message_size_limit or lower max_tokens)",
-                )
+            if not self._fits(payload):
+                if isinstance(message, Chunk):
+                    return self._send_split(message, payload)
+                message = self._fitted(message, payload)
                 payload = self._payload(message)
-                if not self._fits(payload, self._correlation_data):
-                    log.error(
-                        "dropping the correlation data of %s: even an error would not fit",
-                        self.request_id,
-                    )
-                    self._correlation_data = None
             self._seq += 1
             self._ended = message.terminal
             on_delivered = self._on_delivered if message.terminal else None
@@ -154,16 +135,73 @@ class ReplyStream:
                     on_delivered()
             return True
 
+    def _send_split(self, chunk: Chunk, payload: bytes) -> bool:
+        if len(chunk.text) > 1:
+            half = len(chunk.text) // 2
+            # Halves of a str never split a character; the lock is re-entrant.
+            return self.send(Chunk(chunk.text[:half])) and self.send(Chunk(chunk.text[half:]))
+        log.error(
+            "a one-character chunk for %s is %d bytes, over the limit of %s; its text is in done",
+            self.request_id,
+            len(payload),
+            self._limit(),
+        )
+        return True
+
+    def _fitted(self, message: StreamMessage, payload: bytes) -> StreamMessage:
+        """A terminal message, or a queued one, cut down to the limit (called with the lock)."""
+        if isinstance(message, Done):
+            candidates = message.smaller()
+            fitting = next((m for m in candidates if self._fits(self._payload(m))), None)
+            if fitting is not None and "text" in fitting.omitted and not self._streaming:
+                # stream: false and a small limit: the text comes as chunks after all.
+                self._streaming = True
+                if message.text:
+                    self.send(Chunk(message.text))
+                # Later seq numbers can be longer: check again.
+                fitting = next((m for m in candidates if self._fits(self._payload(m))), None)
+            if fitting is not None:
+                return fitting
+        elif isinstance(message, Error):
+            over = self._packet_bytes(payload) - (self._limit() or 0)
+            shortened = message.shortened(over)
+            if shortened.message != "..." and self._fits(self._payload(shortened)):
+                return shortened
+        log.error(
+            "%s for %s is %d bytes, over the limit of %s",
+            message.type,
+            self.request_id,
+            len(payload),
+            self._limit(),
+        )
+        if not message.terminal:
+            return message  # a queued message that cannot fit: nothing smaller to say
+        fallback: StreamMessage = Error(ErrorCode.INTERNAL, "the answer does not fit the limit")
+        if not self._fits(self._payload(fallback)):
+            log.error(
+                "dropping the correlation data of %s: even an error would not fit",
+                self.request_id,
+            )
+            self._correlation_data = None
+        return fallback
+
     def _payload(self, message: StreamMessage) -> bytes:
         return message.to_payload(
             self.request_id, self._seq, restart=self._restart and not self._seq
         )
 
-    def _fits(self, payload: bytes, correlation_data: bytes | None) -> bool:
-        limit = self._outlet.max_packet_bytes()
-        if limit is None:
-            return True
-        return self._outlet.packet_bytes(self.topic, len(payload), correlation_data) <= limit
+    def _limit(self) -> int | None:
+        known = [
+            limit for limit in (self._outlet.max_packet_bytes(), self._max_message_bytes) if limit
+        ]
+        return min(known) if known else None
+
+    def _packet_bytes(self, payload: bytes) -> int:
+        return self._outlet.packet_bytes(self.topic, len(payload), self._correlation_data)
+
+    def _fits(self, payload: bytes) -> bool:
+        limit = self._limit()
+        return limit is None or self._packet_bytes(payload) <= limit
 
 
 class ChunkBuffer:
