@@ -1,4 +1,4 @@
-"""Command line: run, check-config, ask, status, fetch-model, bench."""
+"""Command line: run, check-config, ask, status, web, fetch-model, bench."""
 
 from __future__ import annotations
 
@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout-s", type=float, default=5.0, help="wait this long for it")
     status.add_argument("--json", action="store_true", help="print the raw health JSON")
     status.set_defaults(handler=_status)
+
+    web = commands.add_parser("web", help="serve the kiosk's touch page (docs: README)")
+    web.add_argument("--config", type=Path, help="YAML config file (mqtt and web sections)")
+    web.add_argument("--listen", metavar="HOST:PORT", help="instead of web.listen")
+    web.set_defaults(handler=_web)
 
     fetch = commands.add_parser(
         "fetch-model", help="download the production model (Qwen2.5-0.5B-Instruct)"
@@ -123,6 +128,12 @@ def _parser() -> argparse.ArgumentParser:
         "--flush-ms",
         default="0,50,200",
         help="with --chunking: stream.flush_ms values, comma-separated",
+    )
+    bench.add_argument(
+        "--web",
+        action="store_true",
+        help="instead: the touch page in headless Chromium: click to first text minus the "
+        "daemon's first token, and kioskd web's RSS and idle CPU",
     )
     bench.set_defaults(handler=_bench)
     return parser
@@ -329,6 +340,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     _setup_logging("WARNING")
     lengths = [int(n) for n in args.tokens.split(",")]
+    if args.web:
+        from daemon.bench_web import main as bench_web  # noqa: PLC0415
+
+        return bench_web(reps=args.reps, tokens=max(lengths), out_dir=args.out, idle_s=args.idle_s)
     if args.prompt_reuse or args.threads_sweep:
         return _bench_model(args)
     if args.contention or args.chunking:
@@ -485,6 +500,17 @@ def _bench_model(args: argparse.Namespace) -> int:
             f"model.threads_batch: {picks['model.threads_batch']}"
         )
     return exitcodes.OK
+
+
+def _web(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.config)
+    if config is None:
+        return exitcodes.CONFIG_ERROR
+    from daemon.service import setup_logging  # noqa: PLC0415
+    from daemon.web.server import run  # noqa: PLC0415 - aiohttp only for this command
+
+    setup_logging(config.logging.level)
+    return run(config, args.listen)
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
