@@ -186,12 +186,14 @@ class Relay:
         thermal = health.get("thermal") or {}
         queue = health.get("queue") or {}
         state = health.get("state")
-        firmware = (thermal.get("throttled") or {}).get("now")
-        throttled = True if state == "throttled" or firmware else firmware
+        if not isinstance(state, str):
+            state = None
+        # The kiosk's own back-off, or the Pi firmware's flag (null off a Pi).
+        firmware = (thermal.get("throttled") or {}).get("now") is True
         self._set_view(
-            state=state if isinstance(state, str) else None,
+            state=state,
             cpu_c=_number(thermal.get("cpu_c")),
-            throttled=throttled if isinstance(throttled, bool) else None,
+            throttled=None if state is None else state == "throttled" or firmware,
             queue_depth=_whole(queue.get("depth")),
             queue_capacity=_whole(queue.get("capacity")),
         )

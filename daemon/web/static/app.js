@@ -44,7 +44,7 @@
       refused: (m) => `The kiosk did not take the question: ${m}`,
       failed: (m) => `The kiosk could not answer: ${m}`,
       states: { starting: "starting", loading: "starting", ready: "ready", busy: "answering",
-        throttled: "slowed down", draining: "stopping" },
+        draining: "stopping" },
       cpu: (c) => `CPU ${c} °C`,
       throttled: "throttled",
       notThrottled: "not throttled",
@@ -78,7 +78,7 @@
       refused: (m) => `Der Kiosk hat die Frage nicht angenommen: ${m}`,
       failed: (m) => `Der Kiosk konnte nicht antworten: ${m}`,
       states: { starting: "startet", loading: "startet", ready: "bereit", busy: "antwortet",
-        throttled: "gedrosselt", draining: "hält an" },
+        draining: "hält an" },
       cpu: (c) => `CPU ${c} °C`,
       throttled: "gedrosselt",
       notThrottled: "nicht gedrosselt",
@@ -232,7 +232,10 @@
     else {
       online = true;
       parts = ["online"];
-      if (kiosk.state) parts.push(T.states[kiosk.state] || kiosk.state);
+      // A kiosk in thermal back-off says "throttled" once, below.
+      if (kiosk.state && kiosk.state !== "throttled") {
+        parts.push(T.states[kiosk.state] || kiosk.state);
+      }
       if (kiosk.cpu_c !== null) parts.push(T.cpu(Math.round(kiosk.cpu_c)));
       if (kiosk.throttled !== null) parts.push(kiosk.throttled ? T.throttled : T.notThrottled);
       if (kiosk.queue_depth !== null && kiosk.queue_capacity !== null) {
