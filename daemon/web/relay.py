@@ -18,6 +18,7 @@ from typing import Any
 
 from daemon.broker import Connection, Inbound
 from daemon.config import Config, ConfigError, TlsConfig
+from daemon.ratelimit import RateLimiter
 from daemon.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,10 @@ _FORWARDED = (
     "timing",
     "restart",
 )
+
+# Questions per second from all pages together, with bursts of this many: far more than people
+# type, far less than a script looping on the WebSocket could (docs/security.md).
+ASKS_PER_S = 2.0
 
 # Called with the request id and a message of its stream.
 Deliver = Callable[[str, dict[str, Any]], None]
@@ -58,10 +63,11 @@ class KioskView:
 class RefusedError(Exception):
     """A question the relay does not send; `code` and `message` go to the page as they are."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -80,6 +86,7 @@ class Relay:
         self._pending: dict[str, _Pending] = {}
         self._watchers: list[Callable[[KioskView], None]] = []
         self._was_connected = False
+        self._limiter = RateLimiter(ASKS_PER_S)
         mqtt = config.mqtt
         self.connection = Connection(
             host=mqtt.host,
@@ -118,6 +125,9 @@ class Relay:
             raise RefusedError("no_broker", "The screen cannot reach the kiosk's broker.")
         if self.view.status != "online":
             raise RefusedError("offline", "The kiosk is offline.")
+        wait_s = self._limiter.allow("pages")
+        if wait_s is not None:
+            raise RefusedError("busy", "Too many questions from the pages.", wait_s)
         request_id = f"web-{secrets.token_hex(6)}"
         request: dict[str, Any] = {"id": request_id, "question": question}
         if conversation_id is not None:

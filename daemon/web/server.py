@@ -195,7 +195,7 @@ class Session:
             try:
                 request_id = self._relay.ask(question, conversation_id, self._deliver)
             except RefusedError as refusal:
-                self.send(_refusal(refusal.code, refusal.message))
+                self.send(_refusal(refusal.code, refusal.message, refusal.retry_after_s))
                 return
             self.request_id = request_id
             self.send({"type": "accepted", "id": request_id})
@@ -206,9 +206,12 @@ class Session:
         self.send({**message, "id": request_id})
 
 
-def _refusal(code: str, message: str) -> dict[str, Any]:
+def _refusal(code: str, message: str, retry_after_s: float | None = None) -> dict[str, Any]:
     """An error of this service, before any question went to the kiosk."""
-    return {"type": "refused", "code": code, "message": message}
+    refusal: dict[str, Any] = {"type": "refused", "code": code, "message": message}
+    if retry_after_s is not None:
+        refusal["retry_after_s"] = round(retry_after_s, 1)
+    return refusal
 
 
 def run(config: Config, listen: str | None = None) -> int:
