@@ -194,7 +194,7 @@ def test_page_can_only_ask_and_cancel(
     assert [r.json() for r in seen[1:]] == [{"id": accepted["id"]}] * 2
 
 
-def test_pages_together_send_at_most_two_questions_a_second(
+def test_pages_together_send_at_most_five_questions_a_second(
     web: WebFactory, config_path: Path, client: TestClient, prefix: str
 ) -> None:
     url = web(config_path)
@@ -209,10 +209,10 @@ def test_pages_together_send_at_most_two_questions_a_second(
             replies: list[dict[str, Any]] = []
             while not replies or replies[-1]["type"] != "kiosk" or not replies[-1]["status"]:
                 replies.append(json.loads(await socket.receive_str(timeout=10)))
-            for _ in range(4):
+            for _ in range(7):
                 await socket.send_json({"type": "ask", "question": "Again?"})
             answers: list[dict[str, Any]] = []
-            while len(answers) < 4:
+            while len(answers) < 7:
                 reply = json.loads(await socket.receive_str(timeout=10))
                 if reply["type"] in ("accepted", "refused"):
                     answers.append(reply)
@@ -223,9 +223,9 @@ def test_pages_together_send_at_most_two_questions_a_second(
     finally:
         client.publish(f"{prefix}/status", "", retain=True)
 
-    assert [a["type"] for a in answers] == ["accepted", "accepted", "refused", "refused"]
-    assert {a["code"] for a in answers[2:]} == {"busy"}
-    assert all(0 < a["retry_after_s"] <= 1 for a in answers[2:])
-    asks = client.wait_for(lambda received: len(received) >= 2, timeout_s=10)
-    time.sleep(0.3)  # a third would have arrived by now
-    assert len(client.on_topic(f"{prefix}/ask")) == len(asks) == 2
+    assert [a["type"] for a in answers] == ["accepted"] * 5 + ["refused"] * 2
+    assert {a["code"] for a in answers[5:]} == {"busy"}
+    assert all(0 < a["retry_after_s"] <= 1 for a in answers[5:])
+    asks = client.wait_for(lambda received: len(received) >= 5, timeout_s=10)
+    time.sleep(0.3)  # a sixth would have arrived by now
+    assert len(client.on_topic(f"{prefix}/ask")) == len(asks) == 5

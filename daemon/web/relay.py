@@ -36,9 +36,9 @@ _FORWARDED = (
     "restart",
 )
 
-# Questions per second from all pages together, with bursts of this many: far more than people
-# type, far less than a script looping on the WebSocket could (docs/security.md).
-ASKS_PER_S = 2.0
+# Questions per second from all pages together, with bursts of this many: more than people at a
+# few screens ask (Ask, Stop, Ask again), far less than a script on the WebSocket could send.
+ASKS_PER_S = 5.0
 
 # Called with the request id and a message of its stream.
 Deliver = Callable[[str, dict[str, Any]], None]
