@@ -119,7 +119,7 @@ def test_page_streams_stops_queues_and_says_busy(
 ) -> None:
     config = kiosk_config(sys_root, LONG_ANSWER_TOKENS, queue={"capacity": 1})
     daemon = start_daemon(config, env=slow_tokens)
-    page.get(web(daemon.config_path))
+    page.get(web(daemon.config_path).url)
     wait_until(lambda: "CPU 50 °C" in text(page, "status"), "the status bar's temperature")
     status = text(page, "status")
     assert status.startswith("online"), status
@@ -176,7 +176,8 @@ def test_page_shows_offline_and_overheated_and_recovers_without_reload(
     sys_root: Path,
 ) -> None:
     daemon = start_daemon(kiosk_config(sys_root, SHORT_ANSWER_TOKENS))
-    page.get(web(daemon.config_path))
+    service = web(daemon.config_path)
+    page.get(service.url)
     wait_until(lambda: text(page, "status").startswith("online"), "online")
     page.execute_script("window.sameDocument = true")
 
@@ -205,9 +206,18 @@ def test_page_shows_offline_and_overheated_and_recovers_without_reload(
     seen = watch_answer(page, {"done", "error"})
     assert seen[-1][0] == "done", seen
     assert seen[-1][1]
-    assert page.execute_script("return window.sameDocument === true"), "the page was reloaded"
     wait_until(lambda: "· ready ·" in text(page, "status"), "the kiosk ready after answering")
     save_screenshots(page)
+
+    # The web service itself restarts: the page says so, then reconnects on its own.
+    assert service.stop() == 0
+    wait_until(lambda: "no connection" in text(page, "status"), "the page noticing")
+    assert text(page, "status").startswith("offline")
+    service.start()
+    wait_until(lambda: text(page, "status").startswith("online"), "the page reconnecting")
+    ask(page, "Still there?")
+    assert watch_answer(page, {"done", "error"})[-1][0] == "done"
+    assert page.execute_script("return window.sameDocument === true"), "the page was reloaded"
 
 
 def save_screenshots(driver: WebDriver) -> None:

@@ -83,7 +83,7 @@ def config_path(tmp_path: Path, broker: Broker, prefix: str) -> Path:
 def test_page_is_served_with_its_hooks_and_a_strict_policy(
     web: WebFactory, config_path: Path
 ) -> None:
-    url = web(config_path)
+    url = web(config_path).url
 
     async def fetch() -> None:
         async with aiohttp.ClientSession() as session:
@@ -108,7 +108,7 @@ def test_page_is_served_with_its_hooks_and_a_strict_policy(
 
 
 def test_websocket_from_another_origin_is_refused(web: WebFactory, config_path: Path) -> None:
-    url = web(config_path)
+    url = web(config_path).url
 
     async def connect(origin: str | None) -> int:
         headers = {} if origin is None else {"Origin": origin}
@@ -128,7 +128,7 @@ def test_websocket_from_another_origin_is_refused(web: WebFactory, config_path: 
 def test_page_can_only_ask_and_cancel(
     web: WebFactory, config_path: Path, client: TestClient, prefix: str
 ) -> None:
-    url = web(config_path)
+    url = web(config_path).url
     client.subscribe("#")
     # The kiosk's retained status, as the daemon would publish it.
     client.publish(f"{prefix}/status", "online", retain=True)
@@ -197,7 +197,7 @@ def test_page_can_only_ask_and_cancel(
 def test_pages_together_send_at_most_five_questions_a_second(
     web: WebFactory, config_path: Path, client: TestClient, prefix: str
 ) -> None:
-    url = web(config_path)
+    url = web(config_path).url
     client.subscribe(f"{prefix}/ask")
     client.publish(f"{prefix}/status", "online", retain=True)
 
@@ -229,3 +229,47 @@ def test_pages_together_send_at_most_five_questions_a_second(
     asks = client.wait_for(lambda received: len(received) >= 5, timeout_s=10)
     time.sleep(0.3)  # a sixth would have arrived by now
     assert len(client.on_topic(f"{prefix}/ask")) == len(asks) == 5
+
+
+def test_a_broker_restart_shows_in_the_status_and_ends_the_open_question(
+    web: WebFactory, own_broker: Broker, tmp_path: Path, prefix: str
+) -> None:
+    own_broker.start()
+    config_path = tmp_path / "kioskd.yaml"
+    mqtt = {"host": "127.0.0.1", "port": own_broker.port, "topic_prefix": prefix}
+    config_path.write_text(yaml.safe_dump({"mqtt": mqtt}))
+    url = web(config_path).url
+    kiosk = TestClient(own_broker.port)
+    kiosk.publish(f"{prefix}/status", "online", retain=True)
+    kiosk.close()
+
+    async def session() -> list[dict[str, Any]]:
+        received: list[dict[str, Any]] = []
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(url + "ws", headers={"Origin": url.rstrip("/")}) as socket,
+        ):
+
+            async def until(wanted: dict[str, Any]) -> None:
+                while not (received and wanted.items() <= received[-1].items()):
+                    try:
+                        received.append(json.loads(await socket.receive_str(timeout=20)))
+                    except TimeoutError:
+                        raise AssertionError(f"no {wanted} in {received}") from None
+
+            await until({"type": "kiosk", "status": "online"})
+            await socket.send_json({"type": "ask", "question": "Are you there?"})
+            await until({"type": "accepted"})
+            await asyncio.to_thread(own_broker.stop)
+            await until({"type": "kiosk", "broker": False, "status": None})
+            await asyncio.to_thread(own_broker.start)
+            await until({"type": "error", "code": "interrupted"})
+        return received
+
+    received = asyncio.run(session())
+
+    accepted = next(m for m in received if m["type"] == "accepted")
+    assert received[-1]["id"] == accepted["id"]
+    assert received[-1]["message"] == "The connection to the kiosk was interrupted."
+    down = next(i for i, m in enumerate(received) if m["type"] == "kiosk" and not m["broker"])
+    assert [m["broker"] for m in received[down:] if m["type"] == "kiosk"] == [False, True]

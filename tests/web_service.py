@@ -12,33 +12,53 @@ import pytest
 
 from tests.conftest import REPO, free_port, wait_listening
 
-WebFactory = Callable[[Path], str]
+
+class WebService:
+    """One `kioskd web --config FILE`; stop() and start() again keep its port."""
+
+    def __init__(self, config_path: Path, log_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self._command = [
+            *(sys.executable, "-m", "daemon", "web", "--config", str(config_path)),
+            *("--listen", f"127.0.0.1:{self.port}"),
+        ]
+        self.log_path = log_dir / f"web-{self.port}.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                self._command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_listening(self.port)
+
+    def stop(self) -> int:
+        """SIGTERM; the exit code."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGTERM)
+        return self._process.wait(10)
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+
+WebFactory = Callable[[Path], WebService]
 
 
 @pytest.fixture
 def web(tmp_path: Path) -> Iterator[WebFactory]:
-    """Start `kioskd web --config FILE` on a free port; returns the page's URL.
+    """Start `kioskd web` with a config file; each must then stop on SIGTERM with exit code 0."""
+    started: list[WebService] = []
 
-    At the end each one must stop on SIGTERM with exit code 0.
-    """
-    started: list[tuple[subprocess.Popen[bytes], Path]] = []
-
-    def start(config_path: Path) -> str:
-        port = free_port()
-        command = [sys.executable, "-m", "daemon", "web", "--config", str(config_path)]
-        log_path = tmp_path / f"web-{port}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [*command, "--listen", f"127.0.0.1:{port}"],
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        started.append((process, log_path))
-        wait_listening(port)
-        return f"http://127.0.0.1:{port}/"
+    def start(config_path: Path) -> WebService:
+        service = WebService(config_path, tmp_path)
+        service.start()
+        started.append(service)
+        return service
 
     yield start
-    for process, log_path in started:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(10) == 0, log_path.read_text()
+    for service in started:
+        if service.running:
+            assert service.stop() == 0, service.log_path.read_text()

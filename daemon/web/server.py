@@ -122,6 +122,7 @@ class Session:
         self._max_question_chars = max_question_chars
         self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(MAX_OUTBOX)
         self.request_id: str | None = None
+        self._closing: asyncio.Task[bool] | None = None
 
     async def run(self) -> None:
         unwatch = self._relay.watch(self._show)
@@ -142,11 +143,13 @@ class Session:
                 await writer
 
     def send(self, message: dict[str, Any]) -> None:
+        if self._closing is not None:
+            return
         try:
             self._outbox.put_nowait(message)
         except asyncio.QueueFull:
             log.warning("a browser does not read its messages; closing its connection")
-            asyncio.get_running_loop().create_task(self._socket.close(code=1011))
+            self._closing = asyncio.get_running_loop().create_task(self._socket.close(code=1011))
 
     def _show(self, view: KioskView) -> None:
         self.send(view.to_message())
