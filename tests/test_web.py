@@ -229,6 +229,22 @@ def save_screenshots(driver: WebDriver) -> None:
             lambda w=width: driver.execute_script("return window.innerWidth") == w,  # type: ignore[misc]
             f"a {width} px wide page",
         )
+        layout = driver.execute_script(
+            """const ids = ["question", "ask", "stop", "new", "answer"];
+            const answer = document.getElementById("answer");
+            return {
+              smallest_px: Math.min(...ids.map((id) => {
+                const box = document.getElementById(id).getBoundingClientRect();
+                return Math.min(box.width, box.height);
+              })),
+              page: [document.documentElement.scrollWidth, document.documentElement.scrollHeight],
+              answer_font_px: parseFloat(getComputedStyle(answer).fontSize),
+            };"""
+        )
+        # Touch targets of at least 48 px, nothing off screen, type readable from a step away.
+        assert layout["smallest_px"] >= 48, layout
+        assert layout["page"] == [width, height], layout
+        assert layout["answer_font_px"] >= 18, layout
         path = SCREENSHOTS / f"kiosk-screen-{width}x{height}.png"
         assert driver.save_screenshot(str(path)), path
         assert path.stat().st_size > 10_000, "a blank page would be tiny"
