@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from daemon import exitcodes
@@ -106,6 +107,52 @@ def _tls_context(config: Config) -> Any:
     return tls_context(config.mqtt.tls)
 
 
+def add_commands(commands: Any) -> None:
+    """The `ask` and `status` subcommands, on kioskd's argparse subparsers."""
+    ask = commands.add_parser(
+        "ask",
+        help="ask a kiosk a question and print the streamed answer",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ask.add_argument("question")
+    _add_target_options(ask)
+    ask.add_argument("--max-tokens", type=int, help="longest answer in tokens")
+    ask.add_argument("--temperature", type=float)
+    ask.add_argument("--timeout-s", type=float, default=120.0, help="give up after this long")
+    ask.add_argument("--json", action="store_true", help="print every stream message as JSON")
+    ask.add_argument(
+        "--no-stream", action="store_true", help='ask with "stream": false (one message at the end)'
+    )
+    ask.add_argument(
+        "--max-message-bytes",
+        type=int,
+        metavar="N",
+        help="every reply at most N bytes as an MQTT packet (192-65536), as a tiny device asks",
+    )
+    ask.set_defaults(handler=run_ask)
+
+    status = commands.add_parser(
+        "status",
+        help="print a kiosk's latest health as a table",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_target_options(status)
+    status.add_argument(
+        "--timeout-s", type=float, default=2.0, help="wait this long for the retained messages"
+    )
+    status.add_argument("--json", action="store_true", help="print the raw health JSON")
+    status.set_defaults(handler=run_status)
+
+
+def _add_target_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="read broker and prefix from this config")
+    parser.add_argument("--host", help="broker host (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="broker port (default 1883)")
+    parser.add_argument("--prefix", help="the kiosk's topic prefix (default kiosk/<hostname>)")
+
+
 def run_ask(args: argparse.Namespace) -> int:
     target = _target(args, "ask")
     if target is None:
@@ -144,6 +191,7 @@ def run_ask(args: argparse.Namespace) -> int:
             timeout_s=args.timeout_s,
             on_message=show,
             stream=not args.no_stream,
+            max_message_bytes=args.max_message_bytes,
             check_status=True,
             login=target.login,
             into=answer,

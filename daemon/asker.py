@@ -180,6 +180,7 @@ def ask(
     timeout_s: float = 120.0,
     on_message: Callable[[dict[str, Any]], None] | None = None,
     stream: bool = True,
+    max_message_bytes: int | None = None,
     check_status: bool = False,
     login: Login | None = None,
     into: Answer | None = None,
@@ -215,6 +216,8 @@ def ask(
             request["temperature"] = temperature
         if not stream:
             request["stream"] = False
+        if max_message_bytes is not None:
+            request["max_message_bytes"] = max_message_bytes
         answer.sent_monotonic = time.monotonic()
         # The SUBSCRIBE went out first on this connection, so the broker routes the reply to us.
         session.connection.publish(topics.ask, json.dumps(request).encode("utf-8"))

@@ -158,6 +158,7 @@ class Connection:
         self._persistent = session_expiry_s is not None
         self._session_expiry_s = session_expiry_s or 0
         self._subscriptions = list(subscriptions)
+        self._subscriptions_lock = threading.Lock()
         self._on_message = on_message
         self._on_connected = on_connected
         self._connected = threading.Event()
@@ -325,6 +326,30 @@ class Connection:
                 delivered_now = False
         if delivered_now and on_delivered is not None:
             on_delivered()
+
+    def subscribe(self, topic: str) -> None:
+        """Subscribe now and after every reconnect (a client's answer topic, before it asks).
+
+        A PUBLISH queued after this call reaches the broker after the SUBSCRIBE, so the replies
+        to it are routed to us.
+        """
+        with self._subscriptions_lock:
+            if topic in self._subscriptions:
+                return
+            # A new list, never changed in place: the network thread may be iterating the old.
+            self._subscriptions = [*self._subscriptions, topic]
+        # While disconnected paho refuses this; the next connect subscribes to the whole list.
+        _rc, mid = self._client.subscribe(topic, 1)
+        if mid is not None:
+            self._pending_subscriptions[mid] = [topic]
+
+    def unsubscribe(self, topic: str) -> None:
+        """Drop a subscription made with `subscribe`."""
+        with self._subscriptions_lock:
+            if topic not in self._subscriptions:
+                return
+            self._subscriptions = [t for t in self._subscriptions if t != topic]
+        self._client.unsubscribe(topic)
 
     def stop(self) -> None:
         """Disconnect cleanly (no last will) and stop the network thread."""

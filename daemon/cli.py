@@ -1,4 +1,4 @@
-"""Command line: run, check-config, ask, status, fetch-model, bench."""
+"""Command line: run, check-config, ask, status, web, fetch-model, bench."""
 
 from __future__ import annotations
 
@@ -35,35 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, required=True)
     check.set_defaults(handler=_check_config)
 
-    ask = commands.add_parser(
-        "ask",
-        help="ask a kiosk a question and print the streamed answer",
-        epilog=askcli.EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ask.add_argument("question")
-    _add_target_options(ask)
-    ask.add_argument("--max-tokens", type=int, help="longest answer in tokens")
-    ask.add_argument("--temperature", type=float)
-    ask.add_argument("--timeout-s", type=float, default=120.0, help="give up after this long")
-    ask.add_argument("--json", action="store_true", help="print every stream message as JSON")
-    ask.add_argument(
-        "--no-stream", action="store_true", help='ask with "stream": false (one message at the end)'
-    )
-    ask.set_defaults(handler=askcli.run_ask)
+    askcli.add_commands(commands)
 
-    status = commands.add_parser(
-        "status",
-        help="print a kiosk's latest health as a table",
-        epilog=askcli.EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_target_options(status)
-    status.add_argument(
-        "--timeout-s", type=float, default=2.0, help="wait this long for the retained messages"
-    )
-    status.add_argument("--json", action="store_true", help="print the raw health JSON")
-    status.set_defaults(handler=askcli.run_status)
+    web = commands.add_parser("web", help="serve the kiosk's touch page (docs: README)")
+    web.add_argument("--config", type=Path, help="YAML config file (mqtt and web sections)")
+    web.add_argument("--listen", metavar="HOST:PORT", help="instead of web.listen")
+    web.set_defaults(handler=_web)
 
     fetch = commands.add_parser(
         "fetch-model", help="download the production model (Qwen2.5-0.5B-Instruct)"
@@ -136,15 +113,14 @@ def _parser() -> argparse.ArgumentParser:
         default="0,50,200",
         help="with --chunking: stream.flush_ms values, comma-separated",
     )
+    bench.add_argument(
+        "--web",
+        action="store_true",
+        help="instead: the touch page in headless Chromium: click to first text minus the "
+        "daemon's first token, and kioskd web's RSS and idle CPU",
+    )
     bench.set_defaults(handler=_bench)
     return parser
-
-
-def _add_target_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="read broker and prefix from this config")
-    parser.add_argument("--host", help="broker host (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="broker port (default 1883)")
-    parser.add_argument("--prefix", help="the kiosk's topic prefix (default kiosk/<hostname>)")
 
 
 def _setup_logging(level: str) -> None:
@@ -207,6 +183,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     _setup_logging("WARNING")
     lengths = [int(n) for n in args.tokens.split(",")]
+    if args.web:
+        from daemon.bench_web import main as bench_web  # noqa: PLC0415
+
+        return bench_web(reps=args.reps, tokens=max(lengths), out_dir=args.out, idle_s=args.idle_s)
     if args.prompt_reuse or args.threads_sweep:
         return _bench_model(args)
     if args.contention or args.chunking:
@@ -363,6 +343,17 @@ def _bench_model(args: argparse.Namespace) -> int:
             f"model.threads_batch: {picks['model.threads_batch']}"
         )
     return exitcodes.OK
+
+
+def _web(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.config)
+    if config is None:
+        return exitcodes.CONFIG_ERROR
+    from daemon.service import setup_logging  # noqa: PLC0415
+    from daemon.web.server import run  # noqa: PLC0415 - aiohttp only for this command
+
+    setup_logging(config.logging.level)
+    return run(config, args.listen)
 
 
 def _fetch_model(args: argparse.Namespace) -> int:

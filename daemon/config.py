@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -281,6 +282,29 @@ class WatchdogConfig:
     )
 
 
+def _listen(value: str) -> str | None:
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """`kioskd web`, the touch page for a screen (docs/security.md, "The kiosk screen")."""
+
+    listen: str = _key(
+        "127.0.0.1:8080",
+        "HOST:PORT the kiosk screen's web service listens on; a non-loopback host needs "
+        "web.allow_remote",
+        _listen,
+    )
+    allow_remote: bool = _key(
+        False, "allow web.listen off loopback: anyone who reaches it may ask and cancel"
+    )
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     """Log output."""
@@ -304,6 +328,7 @@ class Config:
     thermal: ThermalConfig = field(default_factory=ThermalConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -448,6 +473,9 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
         problems.append(("thermal.resume_below_c", "must be below thermal.soft_limit_c"))
     if mqtt.reconnect_min_s > mqtt.reconnect_max_s:
         problems.append(("mqtt.reconnect_min_s", "must not exceed mqtt.reconnect_max_s"))
+    problem = remote_listen_problem(config.web.listen, allow_remote=config.web.allow_remote)
+    if problem:
+        problems.append(("web.listen", problem))
     return problems
 
 
@@ -464,6 +492,42 @@ def config_warnings(config: Config) -> list[str]:
             "max_inflight_messages (and this key)"
         )
     return found
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [ADDR]:PORT) as (host, port); ValueError says what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080 or [::1]:8080")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("write an IPv6 address in brackets, e.g. [::1]:8080")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names only this machine; a name other than localhost is not trusted."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def remote_listen_problem(listen: str, *, allow_remote: bool) -> str | None:
+    """Why `listen` may not be used, or None: off loopback it needs web.allow_remote."""
+    try:
+        host, _port = parse_listen(listen)
+    except ValueError:
+        return None  # reported by the key's own check
+    if is_loopback(host) or allow_remote:
+        return None
+    return (
+        f"{host} is not a loopback address: anyone who can reach it could ask and cancel; "
+        "set web.allow_remote: true to allow it (see docs/security.md)"
+    )
 
 
 def _build_section(

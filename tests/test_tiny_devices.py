@@ -7,13 +7,15 @@ microcontroller would; mosquitto then silently drops every bigger packet to it.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from daemon.broker import JSON, Delivery, publish_packet_bytes
 from daemon.messages import Chunk, Done, Error, ErrorCode, Timing, Usage
 from daemon.stream import ReplyStream
-from tests.conftest import DaemonFactory
+from tests.conftest import REPO, DaemonFactory
 from tests.mqtt_client import Received, TestClient, assert_well_formed
 
 LONG = {"KIOSKD_TEST_IGNORE_EOS": "1"}
@@ -219,3 +221,24 @@ def test_correlation_data_that_leaves_no_room_is_refused_within_the_limit(
         assert all(_packet_bytes(r) <= 192 for r in tiny.received)
     finally:
         tiny.close()
+
+
+def test_kioskd_ask_sends_max_message_bytes(start_daemon: DaemonFactory, broker: Any) -> None:
+    daemon = start_daemon(env=LONG)
+    result = subprocess.run(
+        [
+            sys.executable,
+            *("-m", "daemon", "ask", "Describe the line.", "--json", "--max-tokens", "30"),
+            *("--max-message-bytes", "256", "--port", str(broker.port)),
+            *("--prefix", daemon.prefix),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    messages = [json.loads(line) for line in result.stdout.splitlines()]
+    assert messages[-1]["type"] == "done"
+    assert messages[-1]["text_omitted"] is True
