@@ -22,6 +22,7 @@ from daemon.broker import JSON, Connection, Delivery, Inbound, Will
 from daemon.config import Config, ConfigError, TlsConfig, config_warnings, from_dict, load
 from daemon.discovery import discovery_messages
 from daemon.engine import Engine, EngineSettings, ModelLoadError, TestHooks
+from daemon.framing import Example
 from daemon.intake import Intake
 from daemon.ledger import Ledger
 from daemon.loglimit import LogLimiter
@@ -322,6 +323,10 @@ class App:
                 seed=model.seed,
                 batch_tokens=model.batch_tokens,
                 mmap=model.mmap,
+                prompt_style=model.prompt_style,
+                examples=tuple(Example(e["question"], e["answer"]) for e in model.examples),
+                stop=tuple(model.stop),
+                repeat_penalty=model.repeat_penalty,
             ),
             self._hooks,
         )

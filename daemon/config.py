@@ -77,6 +77,43 @@ def _log_level(value: str) -> str | None:
     return None if value.upper() in levels else "must be one of " + ", ".join(levels)
 
 
+# Short, plain and about the shop floor: a base model copies the length and tone it is shown.
+DEFAULT_EXAMPLES = [
+    {
+        "question": "What is a PLC?",
+        "answer": "A programmable logic controller: a small industrial computer that runs a "
+        "machine's control program.",
+    },
+    {
+        "question": "What should I do if a machine jams?",
+        "answer": "Press the stop button, lock out the machine, then clear the jam or call "
+        "maintenance.",
+    },
+    {
+        "question": "Why must I wear safety glasses?",
+        "answer": "They protect your eyes from chips, dust and splashes.",
+    },
+]
+
+
+def _examples(value: Any) -> str | None:
+    rule = "must be a list of {question: ..., answer: ...} with non-empty strings"
+    if not isinstance(value, list):
+        return rule
+    for example in value:
+        if not isinstance(example, dict) or set(example) != {"question", "answer"}:
+            return rule
+        if not all(isinstance(text, str) and text.strip() for text in example.values()):
+            return rule
+    return None
+
+
+def _stops(value: list[str]) -> str | None:
+    if len(value) > 4 or not all(1 <= len(stop) <= 64 for stop in value):
+        return "must be at most 4 strings of 1-64 characters"
+    return None
+
+
 @dataclass(frozen=True)
 class TlsConfig:
     """TLS to the broker; certificates are verified and never skipped."""
@@ -182,6 +219,21 @@ class ModelConfig:
         _one_of("auto", "chatml", "gemma", "llama-3"),
     )
     seed: int = _key(-1, "sampling seed; -1 = random", _at_least(-1))
+    prompt_style: str = _key(
+        "auto",
+        "chat (the chat template) or completion (a Question:/Answer: frame with examples, for "
+        "base models); auto = chat when the GGUF embeds a template, else completion",
+        _one_of("auto", "chat", "completion"),
+    )
+    examples: list[dict[str, str]] = _key(
+        DEFAULT_EXAMPLES,
+        "completion style: question/answer pairs shown before every question",
+        _examples,
+    )
+    stop: list[str] = _key([], "stop strings for every answer, besides the request's", _stops)
+    repeat_penalty: float = _key(
+        1.0, "penalty on tokens of the last 64 repeated (1.0 = off)", _between(1.0, 2.0)
+    )
 
 
 @dataclass(frozen=True)
@@ -197,6 +249,9 @@ class LimitsConfig:
 
     max_question_chars: int = _key(2000, "longest accepted question", _at_least(1))
     max_payload_bytes: int = _key(65536, "largest accepted request payload", _at_least(64))
+    max_schema_bytes: int = _key(
+        8192, "largest JSON schema a request's format may bring, as compact JSON", _at_least(64)
+    )
     max_requests_per_s: float | None = _key(
         None,
         "questions per second accepted from one sender (see docs/security.md); null = no limit",
@@ -570,7 +625,7 @@ def _check_value(expected: Any, value: Any, check: _Check | None) -> str | None:
     base = {str | None: str, int | None: int, float | None: float, list[str] | None: list}.get(
         expected, expected
     )
-    if base is list[str]:
+    if base == list[str]:  # a generic alias is equal to, not the same object as, another
         base = list
     if base is float:
         if (

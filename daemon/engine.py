@@ -14,15 +14,19 @@ import ctypes
 import logging
 import os
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.config import ModelConfig
+from daemon.config import DEFAULT_EXAMPLES, ModelConfig
+from daemon.framing import CompletionFrame, Example
+from daemon.grammar import AnswerFormat, json_complete
 from daemon.llamacpp import lib
-from daemon.messages import ErrorCode, RequestError
+from daemon.messages import ErrorCode, JsonValue, RequestError
 from daemon.prompt import PromptBuilder, fallback_format
+from daemon.sampling import GrammarError, Sampler
 from daemon.scheduler import Generation
+from daemon.stops import AnswerText
 
 log = logging.getLogger(__name__)
 llama_log = logging.getLogger("llama.cpp")
@@ -31,10 +35,7 @@ llama_log = logging.getLogger("llama.cpp")
 # model file and repeat at every start, so they are informational for an operator.
 _GGML_LEVELS = {3: logging.INFO, 4: logging.ERROR}
 
-# Llama.generate's defaults, which kioskd's sampled answers have always used.
-_TOP_K = 40
-_TOP_P = 0.95
-_MIN_P = 0.05
+_EXAMPLES = tuple(Example(e["question"], e["answer"]) for e in DEFAULT_EXAMPLES)
 
 
 @lib.llama_log_callback  # type: ignore[untyped-decorator]
@@ -69,7 +70,8 @@ class ModelLoadError(Exception):
 class TestHooks:
     """Switches for the test suite and benchmarks, read from KIOSKD_TEST_* variables.
 
-    ignore_eos: keep generating past end-of-turn, so answers have a known length.
+    ignore_eos: keep generating past end-of-turn (and the completion frame's stops), so
+      answers have a known length.
     token_delay_ms: sleep after every token, so a request stays running long enough to
       queue, cancel or interrupt it.
     stall_file: while this file exists, generation blocks (simulates a hung worker).
@@ -106,6 +108,10 @@ class EngineSettings:
     seed: int = ModelConfig.seed
     batch_tokens: int = ModelConfig.batch_tokens
     mmap: bool = ModelConfig.mmap
+    prompt_style: str = ModelConfig.prompt_style
+    examples: tuple[Example, ...] = _EXAMPLES
+    stop: tuple[str, ...] = ()
+    repeat_penalty: float = ModelConfig.repeat_penalty
 
 
 class Engine:
@@ -129,20 +135,33 @@ class Engine:
         self._step = (lib.llama_token * settings.batch_tokens)()
         bos_id, eos_id = lib.llama_vocab_bos(self._vocab), lib.llama_vocab_eos(self._vocab)
         template = lib.llama_model_chat_template(self._model, None)
-        self._prompts = PromptBuilder(
-            system_prompt=settings.system_prompt,
-            embedded_template=template.decode("utf-8", "replace") if template else None,
-            fallback_format=fallback_format(
-                settings.chat_format, self.metadata("general.architecture")
-            ),
-            bos_token=self._token_text(bos_id),
-            eos_token=self._token_text(eos_id),
-            add_bos=bool(lib.llama_vocab_get_add_bos(self._vocab)),
-        )
+        add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
+        # Where an answer ends besides the model's end of turn (completion style: the frame's).
+        self._stops: tuple[str, ...] = ()
+        # Switch for `kioskd bench grammar`: False masks the whole vocabulary on every token.
+        self.grammar_check_first = True
+        self._prompts: PromptBuilder | CompletionFrame
+        style = settings.prompt_style
+        if style == "completion" or (style == "auto" and not template):
+            self._prompts = CompletionFrame(
+                system_prompt=settings.system_prompt, examples=settings.examples, add_bos=add_bos
+            )
+            self._stops = self._prompts.stops
+        else:
+            self._prompts = PromptBuilder(
+                system_prompt=settings.system_prompt,
+                embedded_template=template.decode("utf-8", "replace") if template else None,
+                fallback_format=fallback_format(
+                    settings.chat_format, self.metadata("general.architecture")
+                ),
+                bos_token=self._token_text(bos_id),
+                eos_token=self._token_text(eos_id),
+                add_bos=add_bos,
+            )
         if self.hooks.active:
             log.warning("test hooks are active: %s", self.hooks)
         log.info(
-            "model %s loaded: %d threads (%d for prompts), ctx %d, chat template from %s",
+            "model %s loaded: %d threads (%d for prompts), ctx %d, prompt from %s",
             self.name,
             settings.threads,
             settings.threads_batch,
@@ -292,8 +311,11 @@ class Engine:
         temperature: float | None,
         on_text: Callable[[str], None],
         should_stop: Callable[[], bool],
+        stop: Sequence[str] = (),
+        answer_format: AnswerFormat | None = None,
     ) -> Generation:
-        """Answer `question`, calling on_text with each new piece of text as it exists."""
+        """Answer `question`, calling on_text with each new piece of text as it can be shown
+        (stop strings and leading white space are not)."""
         settings = self.settings
         prompt = self.prompt_tokens(question)
         room = settings.ctx - len(prompt)
@@ -306,13 +328,18 @@ class Engine:
         limit = min(max_tokens or settings.max_tokens, settings.max_tokens, room)
         temp = settings.temperature if temperature is None else temperature
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pieces: list[str] = []
+        # The frame's stops end a prose answer as end-of-turn ends a chat model's (so the
+        # ignore_eos hook skips them too); a JSON answer ends where its grammar does.
+        frame_stops = () if answer_format or self.hooks.ignore_eos else self._stops
+        answer = AnswerText((*frame_stops, *settings.stop, *stop), on_text)
+        written: list[str] = []  # all text, for telling when a JSON answer is complete
         completion_tokens = 0
         first_token: float | None = None
         stopped = False
         hit_length = False
         self._apply_threads()
-        tokens = self._decode(prompt, temp)
+        sampler = self._sampler(temp, answer_format)
+        tokens = self._decode(prompt, sampler)
         try:
             for token in self._tokens(tokens):
                 self._apply_threads()
@@ -325,62 +352,63 @@ class Engine:
                     break
                 completion_tokens += 1
                 text = decoder.decode(self._piece(token))
-                if text:
-                    pieces.append(text)
-                    on_text(text)
+                if text and answer.add(text):
+                    break
+                written.append(text)
+                if answer_format and json_complete("".join(written)):
+                    break
                 if completion_tokens >= limit:
                     hit_length = True
                     break
         finally:
             tokens.close()
+            sampler.close()
         tail = decoder.decode(b"", final=True)
         if tail and not stopped:
-            pieces.append(tail)
-            on_text(tail)
+            answer.add(tail)
+        answer.finish()  # what was held back for a stop string, whatever ended the answer
+        parsed: JsonValue | None = None
+        json_error: str | None = None
+        if answer_format and not stopped and not hit_length:
+            value, json_error = answer_format.check(answer.text)
+            parsed = None if json_error else JsonValue(value)
         return Generation(
-            text="".join(pieces),
+            text=answer.text,
             stopped=stopped,
             hit_length=hit_length,
             prompt_tokens=len(prompt),
             completion_tokens=completion_tokens,
             first_token_monotonic=first_token,
             end_monotonic=time.monotonic(),
+            json=parsed,
+            json_error=json_error,
         )
 
-    def _decode(self, prompt: list[int], temp: float) -> Generator[int, None, None]:
+    def _sampler(self, temp: float, answer_format: AnswerFormat | None) -> Sampler:
+        try:
+            return Sampler(
+                self._vocab,
+                temperature=temp,
+                seed=self.settings.seed,
+                repeat_penalty=self.settings.repeat_penalty,
+                grammar=answer_format.grammar if answer_format else None,
+                check_first=self.grammar_check_first,
+            )
+        except GrammarError as exc:
+            raise RequestError(ErrorCode.INVALID_REQUEST, f"format: {exc}") from exc
+
+    def _decode(self, prompt: list[int], sampler: Sampler) -> Generator[int, None, None]:
         """Evaluate the prompt (reusing the cached prefix), then yield one token at a time."""
         keep = self._cached_prefix(prompt)
         if keep > 0 and lib.llama_memory_seq_rm(self._memory, -1, keep, -1):
             del self._cached[keep:]
         else:
             self.forget_prompt_cache()
-        sampler = self._sampler(temp)
-        try:
-            self._evaluate(prompt[len(self._cached) :])
-            while True:
-                token = lib.llama_sampler_sample(sampler, self._ctx, -1)
-                yield token
-                self._evaluate([token])
-        finally:
-            lib.llama_sampler_free(sampler)
-
-    def _sampler(self, temp: float) -> lib.llama_sampler_p:
-        chain: lib.llama_sampler_p = lib.llama_sampler_chain_init(
-            lib.llama_sampler_chain_default_params()
-        )
-        if temp == 0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
-            return chain
-        seed = self.settings.seed if self.settings.seed >= 0 else lib.LLAMA_DEFAULT_SEED
-        for stage in (
-            lib.llama_sampler_init_top_k(_TOP_K),
-            lib.llama_sampler_init_top_p(_TOP_P, 1),
-            lib.llama_sampler_init_min_p(_MIN_P, 1),
-            lib.llama_sampler_init_temp(temp),
-            lib.llama_sampler_init_dist(seed),
-        ):
-            lib.llama_sampler_chain_add(chain, stage)
-        return chain
+        self._evaluate(prompt[len(self._cached) :])
+        while True:
+            token = sampler.sample(self._ctx)
+            yield token
+            self._evaluate([token])
 
     def _evaluate(self, tokens: list[int]) -> None:
         """Run tokens through the model, a step of at most batch_tokens at a time."""

@@ -76,6 +76,7 @@ class Intake:
                 message.payload,
                 max_payload_bytes=self._config.limits.max_payload_bytes,
                 max_question_chars=self._config.limits.max_question_chars,
+                max_schema_bytes=self._config.limits.max_schema_bytes,
             )
             request_id = request.id if request.id_chosen else None
         except RequestError as exc:
@@ -121,6 +122,7 @@ class Intake:
                 message.payload,
                 max_payload_bytes=self._config.limits.max_payload_bytes,
                 max_question_chars=self._config.limits.max_question_chars,
+                max_schema_bytes=self._config.limits.max_schema_bytes,
             )
         except RequestError as exc:
             self._log.log(

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
+from daemon.grammar import AnswerFormat, FormatError, answer_format
+
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # C0 controls (but tab, newline, carriage return), DEL and C1 controls: never part of a question.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -20,6 +22,10 @@ MAX_JSON_DEPTH = 32
 # PROTOCOL.md "Tiny devices": a request's max_message_bytes; 192 leaves a done room for its id.
 MIN_MESSAGE_BYTES = 192
 MAX_MESSAGE_BYTES = 65536
+# PROTOCOL.md "Stop strings and JSON answers": 1-4 stop strings of 1-64 characters.
+MAX_STOPS = 4
+MAX_STOP_CHARS = 64
+DEFAULT_MAX_SCHEMA_BYTES = 8192
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline"]
 
@@ -55,6 +61,10 @@ class Request:
     id_chosen: bool = True
     # The largest PUBLISH packet the client can take (PROTOCOL.md, "Tiny devices").
     max_message_bytes: int | None = None
+    # The answer ends before the first of these (PROTOCOL.md, "Stop strings and JSON answers").
+    stop: tuple[str, ...] = ()
+    # The request's `format`: the answer is JSON under this grammar and schema.
+    answer_format: AnswerFormat | None = None
 
 
 class RequestError(Exception):
@@ -72,7 +82,13 @@ def new_request_id() -> str:
     return secrets.token_hex(6)
 
 
-def parse_request(payload: bytes, *, max_payload_bytes: int, max_question_chars: int) -> Request:
+def parse_request(
+    payload: bytes,
+    *,
+    max_payload_bytes: int,
+    max_question_chars: int,
+    max_schema_bytes: int = DEFAULT_MAX_SCHEMA_BYTES,
+) -> Request:
     """Validate a `P/ask` payload, raising RequestError with the protocol's code."""
     if len(payload) > max_payload_bytes:
         raise RequestError(
@@ -103,7 +119,7 @@ def parse_request(payload: bytes, *, max_payload_bytes: int, max_question_chars:
         raise RequestError(
             ErrorCode.INVALID_JSON, "a payload starting with '{' must be a JSON object"
         )
-    return _request_from_fields(fields, max_question_chars)
+    return _request_from_fields(fields, max_question_chars, max_schema_bytes)
 
 
 def _decode(payload: bytes) -> str:
@@ -144,7 +160,9 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _request_from_fields(fields: dict[str, Any], max_question_chars: int) -> Request:
+def _request_from_fields(
+    fields: dict[str, Any], max_question_chars: int, max_schema_bytes: int
+) -> Request:
     raw_id = fields.get("id")
     if raw_id is None:
         request_id = new_request_id()
@@ -188,6 +206,21 @@ def _request_from_fields(fields: dict[str, Any], max_question_chars: int) -> Req
             "max_message_bytes",
             f"must be a whole number of bytes from {MIN_MESSAGE_BYTES} to {MAX_MESSAGE_BYTES}",
         )
+    stop = fields.get("stop")
+    if stop is not None and (
+        not isinstance(stop, list)
+        or not 1 <= len(stop) <= MAX_STOPS
+        or not all(isinstance(s, str) and 1 <= len(s) <= MAX_STOP_CHARS for s in stop)
+    ):
+        raise invalid(
+            "stop", f"must be a list of 1-{MAX_STOPS} strings of 1-{MAX_STOP_CHARS} characters"
+        )
+    requested_format = None
+    if fields.get("format") is not None:
+        try:
+            requested_format = answer_format(fields["format"], max_schema_bytes=max_schema_bytes)
+        except FormatError as exc:
+            raise invalid("format", str(exc)) from exc
     return Request(
         request_id,
         question,
@@ -197,6 +230,8 @@ def _request_from_fields(fields: dict[str, Any], max_question_chars: int) -> Req
         stream=stream,
         id_chosen=raw_id is not None,
         max_message_bytes=max_message_bytes,
+        stop=tuple(stop or ()),
+        answer_format=requested_format,
     )
 
 
@@ -319,6 +354,13 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class JsonValue:
+    """A JSON answer, parsed (wrapped, since null is a value too)."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
 class Done(StreamMessage):
     type: ClassVar[str] = "done"
     terminal: ClassVar[bool] = True
@@ -328,6 +370,9 @@ class Done(StreamMessage):
     timing: Timing
     # Parts left out to fit a small packet, in this order (PROTOCOL.md, "Tiny devices").
     omitted: tuple[str, ...] = ()
+    # With `format`: the parsed answer, or why a complete answer is not what was asked for.
+    json: JsonValue | None = None
+    json_error: str | None = None
 
     def fields(self) -> dict[str, Any]:
         timing = self.timing
@@ -337,6 +382,13 @@ class Done(StreamMessage):
         else:
             body["text"] = self.text
         body["finish_reason"] = self.finish_reason
+        if self.json is not None:
+            if "json" in self.omitted:
+                body["json_omitted"] = True  # the text (from the chunks) holds the same JSON
+            else:
+                body["json"] = self.json.value
+        if self.json_error is not None:
+            body["json_error"] = self.json_error
         if "usage" not in self.omitted:
             body["usage"] = {
                 "prompt_tokens": self.usage.prompt_tokens,
@@ -352,14 +404,14 @@ class Done(StreamMessage):
         return body
 
     def smaller(self) -> list[Done]:
-        """Ever smaller copies: without text, then without timing, then without usage."""
+        """Ever smaller copies: without text, json, timing, then usage."""
         return [
             dataclasses.replace(self, omitted=_DONE_OMISSIONS[: count + 1])
             for count in range(len(self.omitted), len(_DONE_OMISSIONS))
         ]
 
 
-_DONE_OMISSIONS = ("text", "timing", "usage")
+_DONE_OMISSIONS = ("text", "json", "timing", "usage")
 
 
 @dataclass(frozen=True)

@@ -6,16 +6,18 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from daemon.grammar import AnswerFormat
 from daemon.loglimit import LogLimiter
 from daemon.messages import (
     Done,
     Error,
     ErrorCode,
     FinishReason,
+    JsonValue,
     Queued,
     Request,
     RequestError,
@@ -48,6 +50,9 @@ class Generation:
     completion_tokens: int
     first_token_monotonic: float | None
     end_monotonic: float
+    # With a format: the parsed answer, or why a complete answer does not meet it.
+    json: JsonValue | None = None
+    json_error: str | None = None
 
 
 class Generator(Protocol):
@@ -61,6 +66,8 @@ class Generator(Protocol):
         temperature: float | None,
         on_text: Callable[[str], None],
         should_stop: Callable[[], bool],
+        stop: Sequence[str] = (),
+        answer_format: AnswerFormat | None = None,
     ) -> Generation: ...
 
 
@@ -367,6 +374,8 @@ class Scheduler:
                 temperature=request.temperature,
                 on_text=chunks.add,
                 should_stop=should_stop,
+                stop=request.stop,
+                answer_format=request.answer_format,
             )
         except RequestError as exc:
             with self._cond:
@@ -397,7 +406,14 @@ class Scheduler:
             reason = "stop"
         timing = _timing(job.received_monotonic, started, result)
         job.stream.send(
-            Done(result.text, reason, Usage(result.prompt_tokens, result.completion_tokens), timing)
+            Done(
+                result.text,
+                reason,
+                Usage(result.prompt_tokens, result.completion_tokens),
+                timing,
+                json=result.json,
+                json_error=result.json_error,
+            )
         )
         with self._cond:
             if reason == "cancelled":
