@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon import exitcodes
+from daemon import askformat, exitcodes
 from daemon.asker import (
     Answer,
     Login,
@@ -32,7 +32,8 @@ from daemon.topics import Topics
 
 EXIT_CODES_HELP = f"""exit codes:
   {exitcodes.OK:<3}  answered (ask); online with a health message (status)
-  {exitcodes.FAILURE:<3}  the kiosk answered with an error (ask); online, no health (status)
+  {exitcodes.FAILURE:<3}  the kiosk answered with an error, or without the JSON asked for (ask);
+       online, no health (status)
   {exitcodes.NO_KIOSK:<3}  no kiosk at this prefix on this broker (no retained P/status)
   {exitcodes.BROKER_UNREACHABLE:<3}  the broker cannot be reached
   {exitcodes.KIOSK_OFFLINE:<3}  the kiosk is offline
@@ -130,6 +131,7 @@ def add_commands(commands: Any) -> None:
         metavar="N",
         help="every reply at most N bytes as an MQTT packet (192-65536), as a tiny device asks",
     )
+    askformat.add_options(ask)
     ask.set_defaults(handler=run_ask)
 
     status = commands.add_parser(
@@ -157,6 +159,11 @@ def run_ask(args: argparse.Namespace) -> int:
     target = _target(args, "ask")
     if target is None:
         return exitcodes.CONFIG_ERROR
+    try:
+        shape = askformat.options(args)
+    except ValueError as exc:
+        _say("ask", str(exc))
+        return exitcodes.FAILURE
     answer = Answer(new_request_id())
     shown: list[str] = []  # answer text printed so far (plain output)
 
@@ -192,6 +199,8 @@ def run_ask(args: argparse.Namespace) -> int:
             on_message=show,
             stream=not args.no_stream,
             max_message_bytes=args.max_message_bytes,
+            stop=shape.stop,
+            answer_format=shape.answer_format,
             check_status=True,
             login=target.login,
             into=answer,
@@ -231,6 +240,10 @@ def _ask_result(args: argparse.Namespace, target: Target, answer: Answer) -> int
         return exitcodes.FAILURE
     if not args.json:
         print(flush=True)
+    missing = askformat.missing_json(args, final)
+    if missing is not None:
+        _say("ask", f"the answer is not the JSON asked for: {missing}")
+        return exitcodes.FAILURE
     return exitcodes.OK
 
 

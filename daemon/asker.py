@@ -181,6 +181,8 @@ def ask(
     on_message: Callable[[dict[str, Any]], None] | None = None,
     stream: bool = True,
     max_message_bytes: int | None = None,
+    stop: list[str] | None = None,
+    answer_format: str | dict[str, Any] | None = None,
     check_status: bool = False,
     login: Login | None = None,
     into: Answer | None = None,
@@ -218,6 +220,10 @@ def ask(
             request["stream"] = False
         if max_message_bytes is not None:
             request["max_message_bytes"] = max_message_bytes
+        if stop:
+            request["stop"] = stop
+        if answer_format is not None:
+            request["format"] = answer_format
         answer.sent_monotonic = time.monotonic()
         # The SUBSCRIBE went out first on this connection, so the broker routes the reply to us.
         session.connection.publish(topics.ask, json.dumps(request).encode("utf-8"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import itertools
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -226,8 +227,20 @@ def _qwen2_tensors(shape: Qwen2Shape) -> list[_Tensor]:
     return tensors
 
 
-def write_qwen2(path: Path, shape: Qwen2Shape, vocabulary: Vocabulary, seed: int = 0) -> None:
-    """A float qwen2 GGUF of `shape` with random weights (norm weights 1)."""
+def write_qwen2(
+    path: Path,
+    shape: Qwen2Shape,
+    vocabulary: Vocabulary,
+    seed: int = 0,
+    *,
+    template: str = CHATML_TEMPLATE,
+    fixed: dict[str, np.ndarray] | None = None,
+) -> None:
+    """A float qwen2 GGUF of `shape` with random weights (norm weights 1).
+
+    fixed: instead, these tensors (an `output.weight` unties the output from the embedding),
+    and zeros for every other one but the norms.
+    """
     metadata: dict[str, Any] = {
         "general.architecture": "qwen2",
         "general.name": "synthetic qwen2 (random weights)",
@@ -249,15 +262,21 @@ def write_qwen2(path: Path, shape: Qwen2Shape, vocabulary: Vocabulary, seed: int
         "tokenizer.ggml.padding_token_id": vocabulary.pad_id,
         "tokenizer.ggml.bos_token_id": vocabulary.pad_id,
         "tokenizer.ggml.add_bos_token": False,
-        "tokenizer.chat_template": CHATML_TEMPLATE,
+        "tokenizer.chat_template": template,
     }
     tensors = _qwen2_tensors(shape)
+    if fixed is not None and "output.weight" in fixed:
+        tensors.append(("output.weight", (shape.embed, shape.vocab), _F16))
     rng = np.random.default_rng(seed)
 
     def data() -> Iterator[np.ndarray]:
         for name, ne, _ in tensors:
-            if "norm" in name:
+            if fixed is not None and name in fixed:
+                yield fixed[name].reshape(-1)
+            elif "norm" in name:
                 yield np.ones(ne, dtype=np.float32)
+            elif fixed is not None:
+                yield np.zeros(int(np.prod(ne)), dtype=np.float32)
             else:
                 yield rng.standard_normal(int(np.prod(ne)), dtype=np.float32) * 0.02
 
@@ -276,6 +295,35 @@ def tiny_qwen2(path: Path) -> None:
     the production model, for tests."""
     shape = Qwen2Shape(layers=2, embed=64, ffn=128, heads=4, kv_heads=2, vocab=320, context=2048)
     write_qwen2(path, shape, byte_vocabulary(shape.vocab))
+
+
+def scripted_qwen2(path: Path, script: str, *, template: str = CHATML_TEMPLATE) -> None:
+    """A tiny qwen2 model that answers every prompt ending in a line break (as ChatML's
+    generation prompt does) with `script` (distinct ASCII characters) and then <|im_end|>.
+
+    Every layer's weights are zero, so the last hidden state is the last token's embedding: each
+    token of the chain gets its own embedding axis, and the output row of its successor points
+    along that axis, so greedy and sampled decoding alike write the script and end their turn.
+    """
+    shape = Qwen2Shape(layers=1, embed=64, ffn=128, heads=4, kv_heads=2, vocab=320, context=2048)
+    vocabulary = byte_vocabulary(shape.vocab)
+    chain = [ord("\n"), *(ord(c) for c in script), vocabulary.eos_id]
+    if len(set(chain)) != len(chain) or len(chain) >= shape.embed:
+        raise ValueError("the script must be a few distinct ASCII characters other than a newline")
+    embedding = np.zeros((shape.vocab, shape.embed), dtype=np.float32)
+    embedding[:, 0] = 1.0  # every other token: axis 0, which no output row points along
+    output = np.zeros((shape.vocab, shape.embed), dtype=np.float32)
+    for axis, (token, successor) in enumerate(itertools.pairwise(chain), start=1):
+        embedding[token] = 0.0
+        embedding[token, axis] = 1.0
+        output[successor, axis] = 10.0
+    write_qwen2(
+        path,
+        shape,
+        vocabulary,
+        template=template,
+        fixed={"token_embd.weight": embedding, "output.weight": output},
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

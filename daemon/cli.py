@@ -53,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="measure kioskd over MQTT against the raw llama-cpp-python loop"
     )
+    bench.add_argument(
+        "mode",
+        nargs="?",
+        choices=["grammar"],
+        help="grammar: JSON answers' decode speed under a grammar against free decoding",
+    )
+    bench.add_argument(
+        "--qwen", type=Path, help="with grammar: also this Qwen-shaped GGUF (scripts/synth-qwen)"
+    )
     bench.add_argument("--reps", type=int, default=5, help="repetitions per length")
     bench.add_argument("--tokens", default="64,512", help="answer lengths, comma-separated")
     bench.add_argument("--threads", type=int, help="model threads (default: as kioskd)")
@@ -183,6 +192,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     _setup_logging("WARNING")
     lengths = [int(n) for n in args.tokens.split(",")]
+    if args.mode == "grammar":
+        from daemon.bench_grammar import main as bench_grammar  # noqa: PLC0415
+
+        return bench_grammar(args, max(lengths))
     if args.web:
         from daemon.bench_web import main as bench_web  # noqa: PLC0415
 

@@ -22,7 +22,7 @@ from daemon.config import DEFAULT_EXAMPLES, ModelConfig
 from daemon.framing import CompletionFrame, Example
 from daemon.grammar import AnswerFormat, json_complete
 from daemon.llamacpp import lib
-from daemon.messages import ErrorCode, JsonValue, RequestError
+from daemon.messages import ErrorCode, RequestError
 from daemon.prompt import PromptBuilder, fallback_format
 from daemon.sampling import GrammarError, Sampler
 from daemon.scheduler import Generation
@@ -130,7 +130,7 @@ class Engine:
         self._model, self._ctx = self._load(settings)
         self._closed = False
         self._memory = lib.llama_get_memory(self._ctx)
-        self._vocab = lib.llama_model_get_vocab(self._model)
+        self._vocab: lib.llama_vocab_p = lib.llama_model_get_vocab(self._model)
         self._cached: list[int] = []  # the tokens whose keys and values the KV cache holds
         self._step = (lib.llama_token * settings.batch_tokens)()
         bos_id, eos_id = lib.llama_vocab_bos(self._vocab), lib.llama_vocab_eos(self._vocab)
@@ -138,8 +138,10 @@ class Engine:
         add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
         # Where an answer ends besides the model's end of turn (completion style: the frame's).
         self._stops: tuple[str, ...] = ()
-        # Switch for `kioskd bench grammar`: False masks the whole vocabulary on every token.
+        # For `kioskd bench grammar`: False masks the whole vocabulary on every token, and the
+        # last answer's tokens allowed at the first try and chosen under the mask.
         self.grammar_check_first = True
+        self.grammar_counts = (0, 0)
         self._prompts: PromptBuilder | CompletionFrame
         style = settings.prompt_style
         if style == "completion" or (style == "auto" and not template):
@@ -215,6 +217,10 @@ class Engine:
             if length < size:
                 return buffer.value.decode("utf-8", "replace")
             size = length + 1
+
+    @property
+    def vocab(self) -> lib.llama_vocab_p:
+        return self._vocab
 
     def _token_text(self, token: int) -> str:
         if token == lib.LLAMA_TOKEN_NULL:
@@ -318,14 +324,7 @@ class Engine:
         (stop strings and leading white space are not)."""
         settings = self.settings
         prompt = self.prompt_tokens(question)
-        room = settings.ctx - len(prompt)
-        if room < 1:
-            raise RequestError(
-                ErrorCode.INVALID_REQUEST,
-                f"question: too long for the model's context ({len(prompt)} prompt tokens, "
-                f"context {settings.ctx})",
-            )
-        limit = min(max_tokens or settings.max_tokens, settings.max_tokens, room)
+        limit = self._answer_limit(len(prompt), max_tokens)
         temp = settings.temperature if temperature is None else temperature
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         # The frame's stops end a prose answer as end-of-turn ends a chat model's (so the
@@ -362,16 +361,15 @@ class Engine:
                     break
         finally:
             tokens.close()
+            self.grammar_counts = (sampler.checked, sampler.masked)
             sampler.close()
         tail = decoder.decode(b"", final=True)
         if tail and not stopped:
             answer.add(tail)
         answer.finish()  # what was held back for a stop string, whatever ended the answer
-        parsed: JsonValue | None = None
-        json_error: str | None = None
+        parsed, json_error = None, None
         if answer_format and not stopped and not hit_length:
-            value, json_error = answer_format.check(answer.text)
-            parsed = None if json_error else JsonValue(value)
+            parsed, json_error = answer_format.check(answer.text)
         return Generation(
             text=answer.text,
             stopped=stopped,
@@ -383,6 +381,17 @@ class Engine:
             json=parsed,
             json_error=json_error,
         )
+
+    def _answer_limit(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        settings = self.settings
+        room = settings.ctx - prompt_tokens
+        if room < 1:
+            raise RequestError(
+                ErrorCode.INVALID_REQUEST,
+                f"question: too long for the model's context ({prompt_tokens} prompt tokens, "
+                f"context {settings.ctx})",
+            )
+        return min(max_tokens or settings.max_tokens, settings.max_tokens, room)
 
     def _sampler(self, temp: float, answer_format: AnswerFormat | None) -> Sampler:
         try:

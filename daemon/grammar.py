@@ -37,6 +37,13 @@ _MAX_MESSAGE_CHARS = 200
 _CONVERTER_ERRORS = (AssertionError, ValueError, KeyError, TypeError, AttributeError, IndexError)
 
 
+@dataclass(frozen=True)
+class JsonValue:
+    """A JSON answer, parsed (wrapped, since null is a value too)."""
+
+    value: Any
+
+
 class FormatError(ValueError):
     """A `format` the daemon cannot enforce; the message is for a person."""
 
@@ -49,7 +56,7 @@ class AnswerFormat:
     grammar: str = field(compare=False)
     digest: str  # sha256 of the schema as compact JSON: the cache key
 
-    def check(self, text: str) -> tuple[Any, str | None]:
+    def check(self, text: str) -> tuple[JsonValue | None, str | None]:
         """The parsed answer and None, or (None, why it is not what the format asks for)."""
         try:
             value = json.loads(text)
@@ -62,7 +69,7 @@ class AnswerFormat:
         except exceptions.ValidationError as exc:
             where = "/".join(str(part) for part in exc.absolute_path) or "the answer"
             return None, _shortened(f"{where}: {exc.message}")
-        return value, None
+        return JsonValue(value), None
 
 
 def _shortened(message: str) -> str:

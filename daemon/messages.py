@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
-from daemon.grammar import AnswerFormat, FormatError, answer_format
+from daemon.grammar import AnswerFormat, FormatError, JsonValue, answer_format
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # C0 controls (but tab, newline, carriage return), DEL and C1 controls: never part of a question.
@@ -351,13 +351,6 @@ class Timing:
     first_token_ms: float | None
     total_ms: float
     tokens_per_s: float | None
-
-
-@dataclass(frozen=True)
-class JsonValue:
-    """A JSON answer, parsed (wrapped, since null is a value too)."""
-
-    value: Any
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from daemon.grammar import AnswerFormat
+from daemon.grammar import AnswerFormat, JsonValue
 from daemon.loglimit import LogLimiter
 from daemon.messages import (
     Done,
     Error,
     ErrorCode,
     FinishReason,
-    JsonValue,
     Queued,
     Request,
     RequestError,
