@@ -398,9 +398,11 @@ class Done(StreamMessage):
 
     def smaller(self) -> list[Done]:
         """Ever smaller copies: without text, json, timing, then usage."""
+        # Only parts the message has: a done without json has no json to leave out.
+        parts = tuple(part for part in _DONE_OMISSIONS if part != "json" or self.json is not None)
         return [
-            dataclasses.replace(self, omitted=_DONE_OMISSIONS[: count + 1])
-            for count in range(len(self.omitted), len(_DONE_OMISSIONS))
+            dataclasses.replace(self, omitted=parts[: count + 1])
+            for count in range(len(self.omitted), len(parts))
         ]
 
 

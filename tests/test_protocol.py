@@ -126,7 +126,7 @@ def test_unicode_chunks_are_whole_characters(
         daemon.topic("ask"),
         {
             "id": "jp",
-            "question": "日本語で答えてください。東京について教えて。",
+            "question": "東京について日本語で教えてください。",
             "max_tokens": 48,
             "temperature": 0,
         },
