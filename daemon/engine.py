@@ -24,7 +24,7 @@ from daemon.grammar import AnswerFormat, json_complete
 from daemon.llamacpp import lib
 from daemon.messages import ErrorCode, RequestError
 from daemon.prompt import PromptBuilder, fallback_format
-from daemon.sampling import GrammarError, Sampler
+from daemon.sampling import GrammarError, GrammarMode, Sampler
 from daemon.scheduler import Generation
 from daemon.stops import AnswerText
 
@@ -138,9 +138,9 @@ class Engine:
         add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
         # Where an answer ends besides the model's end of turn (completion style: the frame's).
         self._stops: tuple[str, ...] = ()
-        # For `kioskd bench grammar`: False masks the whole vocabulary on every token, and the
-        # last answer's tokens allowed at the first try and chosen under the mask.
-        self.grammar_check_first = True
+        # For `kioskd bench grammar`: how the grammar constrains tokens, and the last answer's
+        # tokens chosen without and with masking the whole vocabulary.
+        self.grammar_mode = GrammarMode.CANDIDATES
         self.grammar_counts = (0, 0)
         self._prompts: PromptBuilder | CompletionFrame
         style = settings.prompt_style
@@ -401,7 +401,7 @@ class Engine:
                 seed=self.settings.seed,
                 repeat_penalty=self.settings.repeat_penalty,
                 grammar=answer_format.grammar if answer_format else None,
-                check_first=self.grammar_check_first,
+                mode=self.grammar_mode,
             )
         except GrammarError as exc:
             raise RequestError(ErrorCode.INVALID_REQUEST, f"format: {exc}") from exc

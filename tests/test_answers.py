@@ -10,9 +10,12 @@ from typing import Any
 import jsonschema
 import pytest
 
+from daemon import engine as engine_module
 from daemon.bench_synth import scripted_qwen2
 from daemon.engine import Engine, EngineSettings
 from daemon.framing import STOPS
+from daemon.grammar import answer_format
+from daemon.sampling import GrammarMode
 from tests.conftest import REPO, Daemon, DaemonFactory
 from tests.mqtt_client import TestClient, assert_well_formed
 
@@ -211,3 +214,36 @@ def test_the_chat_path_renders_qwens_real_template_unchanged(scripted_model: Pat
             stopping.close()
     finally:
         engine.close()
+
+
+def test_checking_the_likeliest_tokens_chooses_as_the_whole_vocabulary_mask(
+    model_path: Path,
+) -> None:
+    """Greedy JSON answers are the same token for token, whichever way the grammar is applied
+    (daemon/sampling.py): the shortcuts change the cost, not the answer."""
+    settings = EngineSettings(model_path, 1, 1, 1024, 48, 0.0, "Answer briefly.", "auto")
+    engine = Engine(settings, engine_module.TestHooks(ignore_eos=True))
+    fmt = answer_format({"type": "json_schema", "schema": ALARM_SCHEMA}, max_schema_bytes=8192)
+    answers = {}
+    try:
+        for mode in GrammarMode:
+            engine.grammar_mode = mode
+            answers[mode] = engine.generate(
+                ALARM,
+                max_tokens=48,
+                temperature=0.0,
+                on_text=lambda _t: None,
+                should_stop=lambda: False,
+                answer_format=fmt,
+            ).text
+            unmasked, masked = engine.grammar_counts
+            if mode is GrammarMode.MASKED:
+                assert unmasked == 0
+            else:
+                assert unmasked > 0, f"{mode}: the shortcut was never taken"
+            if mode is GrammarMode.CANDIDATES:
+                assert masked < unmasked / 4
+    finally:
+        engine.close()
+    assert answers[GrammarMode.CANDIDATES] == answers[GrammarMode.MASKED]
+    assert answers[GrammarMode.SAMPLED] == answers[GrammarMode.MASKED]

@@ -124,7 +124,7 @@ def test_multibyte_answer_under_192_bytes_splits_no_character(
     # The base model echoes its frame: a Japanese system prompt with emoji makes it answer so.
     system_prompt = "あなたは工場のキオスクです🏭。日本語で丁寧に答えてください🔧👷。"
     # With a Japanese example too: the completion frame's English ones would set the language.
-    example = {"question": "機械が止まったらどうしますか？", "answer": "停止ボタンを押して🔧。"}
+    example = {"question": "機械が止まったらどうしますか。", "answer": "停止ボタンを押して🔧。"}
     daemon = start_daemon(
         {"model": {"system_prompt": system_prompt, "examples": [example]}}, env=LONG
     )
