@@ -4,6 +4,8 @@ daemon and embedded model, and a chat-template model that ends its own turn."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +13,13 @@ import jsonschema
 import pytest
 
 from daemon import engine as engine_module
+from daemon import exitcodes
 from daemon.bench_synth import scripted_qwen2
 from daemon.engine import Engine, EngineSettings
 from daemon.framing import STOPS
 from daemon.grammar import answer_format
 from daemon.sampling import GrammarMode
-from tests.conftest import REPO, Daemon, DaemonFactory
+from tests.conftest import REPO, Broker, Daemon, DaemonFactory
 from tests.mqtt_client import TestClient, assert_well_formed
 
 QUESTIONS = [
@@ -247,3 +250,28 @@ def test_checking_the_likeliest_tokens_chooses_as_the_whole_vocabulary_mask(
         engine.close()
     assert answers[GrammarMode.CANDIDATES] == answers[GrammarMode.MASKED]
     assert answers[GrammarMode.SAMPLED] == answers[GrammarMode.MASKED]
+
+
+def test_kioskd_ask_json_schema_prints_json_and_fails_without_it(
+    start_daemon: DaemonFactory, broker: Broker, tmp_path: Path
+) -> None:
+    daemon = start_daemon()
+    schema_file = tmp_path / "alarm.schema.json"
+    schema_file.write_text(json.dumps(ALARM_SCHEMA))
+    ask = [sys.executable, "-m", "daemon", "ask", ALARM, "--port", str(broker.port)]
+    ask += ["--prefix", daemon.prefix, "--json-schema", str(schema_file)]
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*ask, *extra], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+        )
+
+    answered = run("--stop", "never\\nthere")
+    assert answered.returncode == exitcodes.OK, answered.stderr
+    jsonschema.validate(json.loads(answered.stdout), ALARM_SCHEMA)
+    cut = run("--max-tokens", "3")
+    assert cut.returncode == exitcodes.FAILURE
+    assert "the answer is not the JSON asked for: finish_reason length" in cut.stderr
+    missing = run("--json-schema", str(tmp_path / "none.json"))
+    assert missing.returncode == exitcodes.FAILURE
+    assert "--json-schema: cannot read" in missing.stderr
