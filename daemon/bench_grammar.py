@@ -1,4 +1,5 @@
-"""`kioskd bench grammar`: decode speed of JSON answers under a grammar against free decoding.
+"""`kioskd bench grammar`: decode speed of JSON answers under a grammar against free decoding;
+`kioskd bench answers`: how long the embedded model's answers are, and whether they end.
 
 Four ways to pick each token, interleaved on every model in one run so that machine noise hits
 all alike: free (no grammar), and the three GrammarModes of daemon/sampling.py: candidates (the
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.bench import SYSTEM_PROMPT, command_line, machine, rotated, write_result
-from daemon.config import default_threads
+from daemon.config import Config, default_threads
 from daemon.engine import Engine, EngineSettings, TestHooks
 from daemon.grammar import answer_format
 from daemon.llamacpp import lib
@@ -197,4 +198,104 @@ def main(args: argparse.Namespace, tokens: int) -> int:
     )
     print(render(result))
     print(f"full results: {args.out / 'bench-grammar.json'}")
+    return 0
+
+
+# --- `kioskd bench answers`: how long answers are, and whether they end by themselves --------
+
+QUESTIONS_FILE = Path("tests/data/factory-questions.txt")
+# (prompt style, repeat penalty): chat is how the embedded model was asked before the completion
+# frame (its architecture's chat format, no stop strings).
+ANSWER_VARIANTS = (("chat", 1.0), ("completion", 1.0), ("completion", 1.1), ("completion", 1.3))
+
+
+def _quantiles(values: list[int]) -> dict[str, float]:
+    quartiles = statistics.quantiles(values, n=4)
+    return {
+        "min": min(values),
+        "p25": quartiles[0],
+        "median": statistics.median(values),
+        "p75": quartiles[2],
+        "p90": statistics.quantiles(values, n=10)[8],
+        "max": max(values),
+    }
+
+
+def run_answer_lengths(
+    *, reps: int, threads: int, model: Path, questions: Path, out_dir: Path
+) -> dict[str, Any]:
+    """Every question `reps` times with the default model settings, per prompt style and
+    repeat penalty: answer lengths, and how many ended by themselves within 120 tokens."""
+    lines = questions.read_text(encoding="utf-8").splitlines()
+    asked = [line for line in lines if line.strip() and not line.startswith("#")]
+    defaults = Config().model
+    summary: dict[str, Any] = {}
+    for style, penalty in ANSWER_VARIANTS:
+        engine = Engine(
+            EngineSettings(
+                model,
+                threads,
+                threads,
+                defaults.ctx,
+                defaults.max_tokens,
+                defaults.temperature,
+                defaults.system_prompt,
+                defaults.chat_format,
+                prompt_style=style,
+                repeat_penalty=penalty,
+            )
+        )
+        lengths, ended = [], 0
+        try:
+            for _rep in range(reps):
+                for question in asked:
+                    answer = engine.generate(
+                        question,
+                        max_tokens=None,
+                        temperature=None,
+                        on_text=lambda _text: None,
+                        should_stop=lambda: False,
+                    )
+                    lengths.append(answer.completion_tokens)
+                    ended += not answer.hit_length and answer.completion_tokens <= 120
+        finally:
+            engine.close()
+        name = f"{style}, repeat_penalty {penalty}"
+        summary[name] = {
+            "answers": len(lengths),
+            "stop_within_120_share": round(ended / len(lengths), 3),
+            "length_cut": sum(n >= defaults.max_tokens for n in lengths),
+            "completion_tokens": _quantiles(lengths),
+        }
+        print(f"{name:32} {summary[name]}", file=sys.stderr, flush=True)
+    result = {
+        "command": command_line(),
+        "model": str(model),
+        "questions": len(asked),
+        "reps": reps,
+        "max_tokens": defaults.max_tokens,
+        "temperature": defaults.temperature,
+        "summary": summary,
+    }
+    write_result(result, out_dir, "bench-answers.json")
+    return result
+
+
+def main_answers(args: argparse.Namespace) -> int:
+    """`kioskd bench answers`: the factory questions, before and after the completion frame."""
+    result = run_answer_lengths(
+        reps=args.reps,
+        threads=args.threads or default_threads(),
+        model=resolve(args.model).path,
+        questions=QUESTIONS_FILE,
+        out_dir=args.out,
+    )
+    for name, row in result["summary"].items():
+        tokens = row["completion_tokens"]
+        print(
+            f"{name:32} stop within 120: {row['stop_within_120_share']:6.1%}  tokens min "
+            f"{tokens['min']} p25 {tokens['p25']} median {tokens['median']} p75 {tokens['p75']} "
+            f"p90 {tokens['p90']} max {tokens['max']}"
+        )
+    print(f"full results: {args.out / 'bench-answers.json'}")
     return 0

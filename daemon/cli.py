@@ -56,8 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "mode",
         nargs="?",
-        choices=["grammar"],
-        help="grammar: JSON answers' decode speed under a grammar against free decoding",
+        choices=["grammar", "answers"],
+        help="grammar: JSON answers' decode speed under a grammar against free decoding; "
+        "answers: answer lengths on tests/data/factory-questions.txt, per prompt style",
     )
     bench.add_argument(
         "--qwen", type=Path, help="with grammar: also this Qwen-shaped GGUF (scripts/synth-qwen)"
@@ -196,6 +197,10 @@ def _bench(args: argparse.Namespace) -> int:
         from daemon.bench_grammar import main as bench_grammar  # noqa: PLC0415
 
         return bench_grammar(args, max(lengths))
+    if args.mode == "answers":
+        from daemon.bench_grammar import main_answers  # noqa: PLC0415
+
+        return main_answers(args)
     if args.web:
         from daemon.bench_web import main as bench_web  # noqa: PLC0415
 
