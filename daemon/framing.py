@@ -48,15 +48,29 @@ class CompletionFrame:
         self._before = (f"{instructions}\n\n" if instructions else "") + shown + QUESTION
         self._add_bos = add_bos
 
-    def build(self, question: str) -> PromptParts:
+    def build(self, question: str, history: Sequence[tuple[str, str]] = ()) -> PromptParts:
+        """The prompt around `question`; `history` holds a conversation's earlier turns
+        (question, answer), which follow the examples in the same frame."""
+        before = self._before
+        if history:
+            turns = "".join(
+                f" {_one_line(strip_markers(q))}\n{ANSWER} {_no_blank_line(a)}\n\n{QUESTION}"
+                for q, a in history
+            )
+            before += turns
         # The space goes with the question: the tokenizers split "Question: What" as
         # "Question", ":", " What", so the frame's tokens stay the same for every question.
         return PromptParts(
-            self._before, " " + _one_line(strip_markers(question)), f"\n{ANSWER}", self._add_bos
+            before, " " + _one_line(strip_markers(question)), f"\n{ANSWER}", self._add_bos
         )
 
 
 def _one_line(text: str) -> str:
+    """A question on one line: a line break in it could start a forged "Answer:" line."""
+    return " ".join(text.split())
+
+
+def _no_blank_line(text: str) -> str:
     """A blank line inside the frame would read as the end of an answer: fold it."""
     return _BLANK_LINES.sub("\n", text.strip())
 
