@@ -175,7 +175,9 @@ def _request_from_fields(fields: dict[str, Any], max_question_chars: int) -> Req
     deadline_s = _optional_number(fields, "deadline_s", invalid)
     if deadline_s is not None and deadline_s <= 0:
         raise invalid("deadline_s", "must be a number of seconds > 0")
-    stream = fields.get("stream", True)
+    stream = fields.get("stream")
+    if stream is None:
+        stream = True  # null counts as absent, like every optional field
     if not isinstance(stream, bool):
         raise invalid("stream", "must be true or false")
     max_message_bytes = fields.get("max_message_bytes")
