@@ -477,15 +477,25 @@ def test_install_and_uninstall_in_a_root_without_systemd(
     )
     again_plan = planned_commands(again.stdout)
     assert not [c for c in again_plan if " wheel " in c or "--force-reinstall" in c]
-    # Another profile: its own build, never the generic wheel.
+    # Another profile: its own wheel directory (built there, or installed from there if an
+    # earlier run built it), never the generic wheel.
     pi = run_real(INSTALL, "--dry-run", "--board", "pi", *common)
     assert pi.returncode == 0, pi.stderr
-    assert build_key(pi.stdout) != build_key(again.stdout)
-    assert [c for c in planned_commands(pi.stdout) if " wheel --no-deps --no-cache-dir " in c]
+    generic_key, pi_key = build_key(again.stdout), build_key(pi.stdout)
+    assert pi_key != generic_key
+    pi_plan = planned_commands(pi.stdout)
+    assert [
+        c
+        for c in pi_plan
+        if f" --wheel-dir {generic_wheels / pi_key}.new " in c
+        or f" --force-reinstall --no-deps {generic_wheels / pi_key}/" in c
+    ], pi.stdout
+    assert not [c for c in pi_plan if generic_key in c]
     # A Jetson wheel without CUDA (here: this machine's CPU build put in its place) is refused.
     jetson_plan = run_real(INSTALL, "--dry-run", "--board", "jetson", *common)
+    assert jetson_plan.returncode == 0, jetson_plan.stderr
     jetson_wheels = generic_wheels / build_key(jetson_plan.stdout)
-    generic_wheel = next((generic_wheels / build_key(again.stdout)).glob("*.whl"))
+    generic_wheel = next((generic_wheels / generic_key).glob("*.whl"))
     jetson_wheels.mkdir(exist_ok=True)
     shutil.copy(generic_wheel, jetson_wheels / generic_wheel.name)
     try:
