@@ -84,6 +84,9 @@ def _target(args: argparse.Namespace, command: str) -> Target | None:
             protocol=config.mqtt.protocol,
         )
     except ConfigError as exc:
+        if isinstance(exc.__cause__, PermissionError) and args.config is not None:
+            _say(command, config_unreadable(args.config))
+            return None
         for problem in exc.problems:
             _say(command, problem)
         return None
@@ -96,6 +99,20 @@ def _target(args: argparse.Namespace, command: str) -> Target | None:
     else:
         prefix = f"kiosk/{sanitize_device_id(socket.gethostname())}"
     return Target(host, port, prefix, login)
+
+
+def config_unreadable(path: Path) -> str:
+    """Why an operator cannot read the config (0640 root:kioskd when installed), and the ways in."""
+    import grp  # noqa: PLC0415 - only for this message
+
+    try:
+        group = grp.getgrgid(path.stat().st_gid).gr_name
+    except (OSError, KeyError):
+        group = "kioskd"
+    return (
+        f"cannot read {path}: permission denied; run with sudo, or add yourself to group "
+        f"{group} (sudo usermod -aG {group} $USER, then log in again)"
+    )
 
 
 def _tls_context(config: Config) -> Any:

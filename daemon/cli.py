@@ -138,25 +138,11 @@ def _load_or_report(path: Path | None) -> Config | None:
         return load(path)
     except ConfigError as exc:
         if isinstance(exc.__cause__, PermissionError):
-            print(_unreadable(path), file=sys.stderr)
+            print(askcli.config_unreadable(path), file=sys.stderr)
             return None
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return None
-
-
-def _unreadable(path: Path) -> str:
-    """Why an operator cannot read the config (0640 root:kioskd when installed), and the ways in."""
-    import grp  # noqa: PLC0415 - only for this message
-
-    try:
-        group = grp.getgrgid(path.stat().st_gid).gr_name
-    except (OSError, KeyError):
-        group = "kioskd"
-    return (
-        f"cannot read {path}: permission denied; run with sudo, or add yourself to group "
-        f"{group} (sudo usermod -aG {group} $USER, then log in again)"
-    )
 
 
 def _run(args: argparse.Namespace) -> int:
