@@ -130,6 +130,30 @@ def test_install_dry_run_prints_the_whole_plan_and_changes_nothing(
     assert [c.rsplit("/", 1)[1] for c in dropins] == expected
 
 
+@pytest.mark.parametrize("with_web", [False, True])
+def test_install_offers_the_screen_service(
+    stubbed_path: tuple[dict[str, str], Path], with_web: bool
+) -> None:
+    env, calls = stubbed_path
+
+    flags = ["--with-web"] if with_web else []
+    result = run_script(INSTALL, "--dry-run", "--board", "generic", *flags, env=env)
+
+    assert result.returncode == 0, result.stderr
+    assert calls.read_text() == "", "a dry run executed commands"
+    plan = planned_commands(result.stdout)
+    web_steps = [c for c in plan if "kioskd-web.service" in c]
+    if not with_web:
+        assert web_steps == [], "no screen service unless asked for (or already installed)"
+        return
+    assert any(
+        c.startswith("install -m 0644 ") and c.endswith("/etc/systemd/system/kioskd-web.service")
+        for c in web_steps
+    )
+    assert [c for c in web_steps if c.startswith("systemctl") and " enable" in c]
+    assert "kiosk screen: http://127.0.0.1:8080/" in result.stdout
+
+
 def test_install_rejects_an_unknown_board(stubbed_path: tuple[dict[str, str], Path]) -> None:
     env, calls = stubbed_path
 
@@ -153,6 +177,7 @@ def test_uninstall_dry_run_prints_the_plan_and_changes_nothing(
     out = result.stdout
     assert "/opt/kioskd" in out
     assert "/etc/systemd/system/kioskd.service" in out
+    assert "kioskd-web.service" in out, "the screen's unit is looked for too"
     assert ("keeping /etc/kioskd" in out) == (not purge)
     assert out.rstrip().endswith("dry run complete: nothing was changed")
 
