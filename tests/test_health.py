@@ -34,6 +34,7 @@ HEALTH_KEYS = {
     "queue",
     "counters",
     "last",
+    "fleet",
 }
 SECTION_KEYS = {
     "cpu": {"percent", "per_core", "freq_mhz", "load"},
