@@ -85,7 +85,7 @@ def _target(args: argparse.Namespace, command: str) -> Target | None:
         )
     except ConfigError as exc:
         if isinstance(exc.__cause__, PermissionError) and args.config is not None:
-            _say(command, config_unreadable(args.config))
+            say(command, config_unreadable(args.config))
             return None
         for problem in exc.problems:
             say(command, problem)
