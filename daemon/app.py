@@ -354,6 +354,7 @@ class App:
                 seed=model.seed,
                 batch_tokens=model.batch_tokens,
                 mmap=model.mmap,
+                gpu_layers=model.gpu_layers,
             ),
             self._hooks,
         )

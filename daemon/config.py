@@ -167,6 +167,11 @@ class ModelConfig:
         False,
         "map the GGUF instead of reading it: repacked weights are then held twice (+13 MiB)",
     )
+    gpu_layers: int = _key(
+        0,
+        "model layers offloaded to the GPU of a CUDA build (a Jetson); 0 = CPU only, 999 = all",
+        _between(0, 999),
+    )
     max_tokens: int = _key(
         256, "longest answer in tokens; requests may ask for fewer", _at_least(1)
     )

@@ -122,6 +122,7 @@ class EngineSettings:
     seed: int = ModelConfig.seed
     batch_tokens: int = ModelConfig.batch_tokens
     mmap: bool = ModelConfig.mmap
+    gpu_layers: int = ModelConfig.gpu_layers
 
 
 class Engine:
@@ -172,7 +173,8 @@ class Engine:
         model_params = lib.llama_model_default_params()
         _assign(
             model_params,
-            n_gpu_layers=0,
+            # A CPU-only build ignores it; a Jetson's CUDA build needs it to use the GPU at all.
+            n_gpu_layers=settings.gpu_layers,
             # Read, not mapped: llama.cpp repacks some weights into a faster layout, and with a
             # map their original pages stay resident beside the copy.
             load_mode=lib.LLAMA_LOAD_MODE_MMAP if settings.mmap else lib.LLAMA_LOAD_MODE_NONE,

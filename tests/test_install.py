@@ -121,6 +121,10 @@ def test_install_dry_run_prints_the_whole_plan_and_changes_nothing(
     assert [c for c in plan if "check-config" in c and c.startswith("setpriv --reuid=")]
     [llama_build] = [c for c in plan if "CMAKE_ARGS=" in c]
     assert ("-DGGML_CUDA=on" in llama_build) == (board == "jetson")
+    # A Jetson's CUDA build must also be told to put the model on the GPU.
+    offload = [c for c in plan if c.startswith("sed -i") and "gpu_layers" in c and "999" in c]
+    if "keeping existing /etc/kioskd/kioskd.yaml" not in out:
+        assert bool(offload) == (board == "jetson")
     # Built from source, and never handed back from pip's wheel cache whatever CMAKE_ARGS say.
     assert " wheel --no-deps --no-cache-dir --no-binary llama-cpp-python " in llama_build
     assert "ln -s /opt/kioskd/venv/bin/kioskd /usr/local/bin/kioskd" in plan
