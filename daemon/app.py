@@ -8,7 +8,6 @@ import logging
 import select
 import signal
 import socket
-import ssl
 import threading
 import time
 from enum import StrEnum
@@ -20,7 +19,7 @@ import yaml
 
 from daemon import __version__, exitcodes
 from daemon.broker import JSON, Connection, Delivery, Inbound, Will
-from daemon.config import Config, ConfigError, TlsConfig, config_warnings, from_dict, load
+from daemon.config import Config, ConfigError, config_warnings, from_dict, load
 from daemon.discovery import discovery_messages
 from daemon.engine import Engine, EngineSettings, ModelLoadError, TestHooks
 from daemon.fleet import FleetMember
@@ -165,7 +164,7 @@ class App:
             reconnect_max_s=mqtt.reconnect_max_s,
             username=mqtt.username,
             password=self.config.mqtt_password(),
-            tls_context=tls_context(mqtt.tls),
+            tls_context=mqtt.tls.ssl_context(),
             # PROTOCOL.md "Crash safety": a question is acknowledged once it is answered.
             manual_ack=True,
             max_packet_bytes=mqtt.max_message_bytes,
@@ -506,21 +505,15 @@ class App:
                 self._publish_discovery()
 
     def _on_message(self, message: Inbound) -> None:
-        if message.topic == self.topics.ask and not message.retain:
-            self.intake.handle(message)  # it acknowledges the question once answered
-            return
-        try:
-            if message.topic == self.topics.ask:
-                self.intake.refuse_retained(message)
-            elif message.topic == self._ha_status and self.config.homeassistant.enabled:
-                if message.payload.strip() == b"online":
-                    log.info("Home Assistant restarted; sending discovery again")
-                    self._publish_discovery()
-            elif message.topic == self.topics.cancel:
-                self._on_cancel(message)
-        finally:
-            if not (message.topic == self.topics.ask and message.retain):
-                self.connection.acknowledge(message)
+        self.intake.dispatch(message, self._on_other_message)
+
+    def _on_other_message(self, message: Inbound) -> None:
+        if message.topic == self._ha_status and self.config.homeassistant.enabled:
+            if message.payload.strip() == b"online":
+                log.info("Home Assistant restarted; sending discovery again")
+                self._publish_discovery()
+        elif message.topic == self.topics.cancel:
+            self._on_cancel(message)
 
     def _on_cancel(self, message: Inbound) -> None:
         if message.retain:
@@ -568,7 +561,7 @@ def report_config_error(config_path: Path, problems: list[str]) -> None:
             protocol=config.mqtt.protocol,
             username=config.mqtt.username,
             password=config.mqtt_password(),
-            tls_context=tls_context(config.mqtt.tls),
+            tls_context=config.mqtt.tls.ssl_context(),
         )
     except ConfigError:
         return
@@ -582,16 +575,3 @@ def report_config_error(config_path: Path, problems: list[str]) -> None:
         connection.publish(topics.status, b"offline", retain=True).wait(_FLUSH_TIMEOUT_S)
     finally:
         connection.stop()
-
-
-def tls_context(tls: TlsConfig) -> ssl.SSLContext | None:
-    """A verifying client TLS context from mqtt.tls, or None for plain TCP."""
-    if not tls.active:
-        return None
-    try:
-        context = ssl.create_default_context(cafile=tls.ca_file)
-        if tls.cert_file:
-            context.load_cert_chain(tls.cert_file, tls.key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError([f"mqtt.tls: cannot load the certificates: {exc}"]) from exc
-    return context

@@ -80,7 +80,7 @@ def _target(args: argparse.Namespace, command: str) -> Target | None:
         login = Login(
             username=config.mqtt.username,
             password=config.mqtt_password(),
-            tls_context=_tls_context(config),
+            tls_context=config.mqtt.tls.ssl_context(),
             protocol=config.mqtt.protocol,
         )
     except ConfigError as exc:
@@ -113,15 +113,6 @@ def config_unreadable(path: Path) -> str:
         f"cannot read {path}: permission denied; run with sudo, or add yourself to group "
         f"{group} (sudo usermod -aG {group} $USER, then log in again)"
     )
-
-
-def _tls_context(config: Config) -> Any:
-    if not config.mqtt.tls.active:
-        return None
-    # daemon.app loads llama.cpp; only a TLS broker pays for that import.
-    from daemon.app import tls_context  # noqa: PLC0415
-
-    return tls_context(config.mqtt.tls)
 
 
 def add_commands(commands: Any) -> None:

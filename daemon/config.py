@@ -14,6 +14,7 @@ import math
 import os
 import re
 import socket
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,18 @@ class TlsConfig:
     @property
     def active(self) -> bool:
         return self.enabled or any((self.ca_file, self.cert_file, self.key_file))
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A verifying client TLS context from these files, or None for plain TCP."""
+        if not self.active:
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+            if self.cert_file:
+                context.load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError([f"mqtt.tls: cannot load the certificates: {exc}"]) from exc
+        return context
 
 
 @dataclass(frozen=True)

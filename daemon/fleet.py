@@ -111,18 +111,12 @@ class FleetMember:
             self.member = self._wanted
 
     def _on_message(self, message: Inbound) -> None:
-        if message.topic == self.topics.ask and not message.retain:
-            self.intake.handle(message)  # it acknowledges the question once answered
+        self.intake.dispatch(message, self._on_cancel)
+
+    def _on_cancel(self, message: Inbound) -> None:
+        if message.topic != self.topics.cancel or message.retain:
             return
-        try:
-            if message.topic == self.topics.ask:
-                self.intake.refuse_retained(message)
-                return
-            if message.topic == self.topics.cancel:
-                request_id = parse_cancel(message.payload)
-                # Every member hears every fleet cancel: an unknown id is the normal case.
-                if request_id is not None and self._scheduler.cancel(request_id):
-                    log.info("fleet cancel for %s", request_id, extra={"request_id": request_id})
-        finally:
-            if not (message.topic == self.topics.ask and message.retain):
-                self.connection.acknowledge(message)
+        request_id = parse_cancel(message.payload)
+        # Every member hears every fleet cancel: an unknown id is the normal case.
+        if request_id is not None and self._scheduler.cancel(request_id):
+            log.info("fleet cancel for %s", request_id, extra={"request_id": request_id})

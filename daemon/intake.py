@@ -109,6 +109,20 @@ class Intake:
             self._stream(self._error_topic(error, message), request_id, message), error
         )
 
+    def dispatch(self, message: Inbound, others: Callable[[Inbound], None]) -> None:
+        """Network thread: every message of this intake's connection. A question is
+        acknowledged once answered; anything else goes to `others`, then is acknowledged."""
+        if message.topic == self._topics.ask:
+            if message.retain:
+                self.refuse_retained(message)
+            else:
+                self.handle(message)
+            return
+        try:
+            others(message)
+        finally:
+            self._connection.acknowledge(message)
+
     def handle(self, message: Inbound) -> None:
         """Called on the network thread for every message on P/ask."""
         if message.dup:
