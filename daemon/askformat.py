@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,16 @@ def add_options(ask: argparse.ArgumentParser) -> None:
     )
 
 
-def options(args: argparse.Namespace) -> AnswerOptions:
-    """The request fields from the parsed options; ValueError says what is wrong."""
+def options(args: argparse.Namespace) -> AnswerOptions | None:
+    """The request fields from the parsed options; None when they are wrong (said on stderr)."""
+    try:
+        return _options(args)
+    except ValueError as exc:
+        print(f"kioskd ask: {exc}", file=sys.stderr, flush=True)
+        return None
+
+
+def _options(args: argparse.Namespace) -> AnswerOptions:
     # A shell cannot easily pass a line break in an argument: "\n" stands for one.
     stop = [text.replace("\\n", "\n") for text in args.stop or []] or None
     if args.json_object:

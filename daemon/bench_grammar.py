@@ -5,10 +5,10 @@ Four ways to pick each token, interleaved on every model in one run so that mach
 all alike: free (no grammar), and the three GrammarModes of daemon/sampling.py: candidates (the
 free sampler's top 40 checked against the grammar; what kioskd does), sampled (llama.cpp's
 common sampler: one freely sampled token checked) and masked (the whole vocabulary checked at
-every token). The grammar comes from a 5-field schema. Models: the
-embedded Gemma 3 270M (262,144 tokens) and, with --qwen, the Qwen2.5-0.5B-shaped model that
-scripts/synth-qwen writes (151,936 tokens; random weights, so its JSON strings run on to the
-token limit, but its vocabulary costs what the real model's does).
+every token). The grammar comes from a 5-field schema. Models: the embedded Gemma 3 270M
+(262,144 tokens) and each GGUF named after `grammar`, such as the Qwen2.5-0.5B-shaped model
+that scripts/synth-qwen writes (151,936 tokens; random weights, so its JSON strings run on to
+the token limit, but its vocabulary costs what the real model's does).
 """
 
 from __future__ import annotations
@@ -187,8 +187,15 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace, tokens: int) -> int:
-    """`kioskd bench grammar`: the embedded (or --model) model, and --qwen if given."""
-    models = [resolve(args.model).path, *([args.qwen] if args.qwen else [])]
+    """`kioskd bench grammar [GGUF ...]`: the embedded (or --model) model and each GGUF named;
+    `kioskd bench answers`: answer lengths."""
+    mode, *more = args.mode
+    if mode == "answers" and not more:
+        return main_answers(args)
+    if mode != "grammar":
+        print("kioskd bench: modes are `grammar [GGUF ...]` and `answers`", file=sys.stderr)
+        return 2
+    models = [resolve(args.model).path, *(Path(path) for path in more)]
     result = run_grammar_bench(
         reps=args.reps,
         tokens=tokens,

@@ -53,16 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="measure kioskd over MQTT against the raw llama-cpp-python loop"
     )
-    bench.add_argument(
-        "mode",
-        nargs="?",
-        choices=["grammar", "answers"],
-        help="grammar: JSON answers' decode speed under a grammar against free decoding; "
-        "answers: answer lengths on tests/data/factory-questions.txt, per prompt style",
-    )
-    bench.add_argument(
-        "--qwen", type=Path, help="with grammar: also this Qwen-shaped GGUF (scripts/synth-qwen)"
-    )
+    bench.add_argument("mode", nargs="*", help="grammar [GGUF ...] or answers (docs/benchmarks.md)")
     bench.add_argument("--reps", type=int, default=5, help="repetitions per length")
     bench.add_argument("--tokens", default="64,512", help="answer lengths, comma-separated")
     bench.add_argument("--threads", type=int, help="model threads (default: as kioskd)")
@@ -129,6 +120,15 @@ def _parser() -> argparse.ArgumentParser:
         help="instead: the touch page in headless Chromium: click to first text minus the "
         "daemon's first token, and kioskd web's RSS and idle CPU",
     )
+    bench.add_argument(
+        "--fleet",
+        action="store_true",
+        help="instead: questions per second of 1, 2, 3... kiosks sharing one fleet (token-delay "
+        "hook)",
+    )
+    bench.add_argument(
+        "--kiosks", default="1,2,3", help="with --fleet: fleet sizes, comma-separated"
+    )
     bench.set_defaults(handler=_bench)
     return parser
 
@@ -147,6 +147,9 @@ def _load_or_report(path: Path | None) -> Config | None:
     try:
         return load(path)
     except ConfigError as exc:
+        if isinstance(exc.__cause__, PermissionError):
+            print(askcli.config_unreadable(path), file=sys.stderr)
+            return None
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return None
@@ -193,14 +196,15 @@ def _bench(args: argparse.Namespace) -> int:
 
     _setup_logging("WARNING")
     lengths = [int(n) for n in args.tokens.split(",")]
-    if args.mode == "grammar":
+    if args.mode:
         from daemon.bench_grammar import main as bench_grammar  # noqa: PLC0415
 
         return bench_grammar(args, max(lengths))
-    if args.mode == "answers":
-        from daemon.bench_grammar import main_answers  # noqa: PLC0415
+    if args.fleet:
+        from daemon.bench_fleet import main as bench_fleet  # noqa: PLC0415
 
-        return main_answers(args)
+        kiosks = [int(n) for n in args.kiosks.split(",")]
+        return bench_fleet(kiosks=kiosks, reps=args.reps, out_dir=args.out)
     if args.web:
         from daemon.bench_web import main as bench_web  # noqa: PLC0415
 

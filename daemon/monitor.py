@@ -28,6 +28,8 @@ class Snapshot:
     queue: dict[str, object]
     counters: dict[str, object]
     last: dict[str, object]
+    # {"prefix", "group", "member"} in a fleet, so `kioskd status --fleet` finds its members.
+    fleet: dict[str, object] | None = None
 
 
 class Monitor:
@@ -115,6 +117,7 @@ class Monitor:
             queue=snapshot.queue,
             counters=snapshot.counters,
             last=snapshot.last,
+            fleet=snapshot.fleet,
         )
 
     def _loop(self) -> None:
