@@ -14,15 +14,17 @@ import ctypes
 import logging
 import os
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon import seqstate
 from daemon.config import ModelConfig
 from daemon.llamacpp import lib
 from daemon.messages import ErrorCode, RequestError
 from daemon.prompt import PromptBuilder, fallback_format
 from daemon.scheduler import Generation
+from daemon.seqstate import SavedState
 
 log = logging.getLogger(__name__)
 llama_log = logging.getLogger("llama.cpp")
@@ -276,13 +278,24 @@ class Engine:
         parts = self._prompts.build(question)
         return parts.before + parts.question + parts.after
 
-    def prompt_tokens(self, question: str) -> list[int]:
-        parts = self._prompts.build(question)
-        return (
-            self.tokenize(parts.before, special=True, add_bos=parts.add_bos)
-            + self.tokenize(parts.question, special=False)
-            + self.tokenize(parts.after, special=True)
-        )
+    def prompt_tokens(self, question: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """The prompt of `question` after the earlier (question, answer) turns of `history`."""
+        rendered = self._prompts.build_turns(question, history)
+        tokens: list[int] = []
+        for text, template in rendered.segments:
+            tokens += self.tokenize(
+                text, special=template, add_bos=rendered.add_bos and not tokens and template
+            )
+        return tokens
+
+    @property
+    def template_source(self) -> str:
+        """The chat template in use, for telling whether a saved model state still fits."""
+        return self._prompts.template_text
+
+    def save_sequence(self) -> SavedState | None:
+        """A copy of the model state of the tokens in the KV cache (a conversation's so far)."""
+        return seqstate.capture(self._ctx, self._cached)
 
     def generate(
         self,
@@ -292,10 +305,19 @@ class Engine:
         temperature: float | None,
         on_text: Callable[[str], None],
         should_stop: Callable[[], bool],
+        history: Sequence[tuple[str, str]] = (),
+        resume: SavedState | None = None,
+        prompt: list[int] | None = None,
     ) -> Generation:
-        """Answer `question`, calling on_text with each new piece of text as it exists."""
+        """Answer `question`, calling on_text with each new piece of text as it exists.
+
+        `history`: earlier turns of its conversation; `resume`: their saved model state, loaded
+        when it holds more of the prompt than the KV cache does now; `prompt`: the tokens of
+        question and history when the caller has them already.
+        """
         settings = self.settings
-        prompt = self.prompt_tokens(question)
+        if prompt is None:
+            prompt = self.prompt_tokens(question, history)
         room = settings.ctx - len(prompt)
         if room < 1:
             raise RequestError(
@@ -312,6 +334,7 @@ class Engine:
         stopped = False
         hit_length = False
         self._apply_threads()
+        cached_tokens = self._reuse(prompt, resume)
         tokens = self._decode(prompt, temp)
         try:
             for token in self._tokens(tokens):
@@ -345,15 +368,28 @@ class Engine:
             completion_tokens=completion_tokens,
             first_token_monotonic=first_token,
             end_monotonic=time.monotonic(),
+            cached_tokens=cached_tokens,
         )
 
-    def _decode(self, prompt: list[int], temp: float) -> Generator[int, None, None]:
-        """Evaluate the prompt (reusing the cached prefix), then yield one token at a time."""
+    def _reuse(self, prompt: list[int], resume: SavedState | None) -> int:
+        """Keep the longest prefix of `prompt` whose state is at hand, from the KV cache or from
+        `resume`; returns how many prompt tokens need no computing."""
+        held = 0 if resume is None else min(resume.common_prefix(prompt), len(prompt) - 1)
+        if resume is not None and held > self._cached_prefix(prompt):
+            if seqstate.restore(self._ctx, resume):
+                self._cached = list(resume.tokens)
+            else:
+                log.warning("llama.cpp refused a saved conversation state; reading it again")
+                self.forget_prompt_cache()
         keep = self._cached_prefix(prompt)
         if keep > 0 and lib.llama_memory_seq_rm(self._memory, -1, keep, -1):
             del self._cached[keep:]
-        else:
-            self.forget_prompt_cache()
+            return keep
+        self.forget_prompt_cache()
+        return 0
+
+    def _decode(self, prompt: list[int], temp: float) -> Generator[int, None, None]:
+        """Evaluate the prompt after the part `_reuse` kept, then yield one token at a time."""
         sampler = self._sampler(temp)
         try:
             self._evaluate(prompt[len(self._cached) :])
@@ -399,12 +435,7 @@ class Engine:
     def _cached_prefix(self, prompt: list[int]) -> int:
         """How many leading prompt tokens the KV cache already holds, leaving at least one to
         evaluate (its logits pick the first token)."""
-        same = 0
-        for old, new in zip(self._cached, prompt, strict=False):
-            if old != new:
-                break
-            same += 1
-        return min(same, len(prompt) - 1)
+        return min(seqstate.common_prefix(self._cached, prompt), len(prompt) - 1)
 
     def _tokens(self, tokens: Iterator[int]) -> Iterator[int]:
         hooks = self.hooks

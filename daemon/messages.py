@@ -55,6 +55,8 @@ class Request:
     id_chosen: bool = True
     # The largest PUBLISH packet the client can take (PROTOCOL.md, "Tiny devices").
     max_message_bytes: int | None = None
+    # The conversation this question continues or starts (PROTOCOL.md, "Conversations").
+    conversation_id: str | None = None
 
 
 class RequestError(Exception):
@@ -188,6 +190,11 @@ def _request_from_fields(fields: dict[str, Any], max_question_chars: int) -> Req
             "max_message_bytes",
             f"must be a whole number of bytes from {MIN_MESSAGE_BYTES} to {MAX_MESSAGE_BYTES}",
         )
+    conversation_id = fields.get("conversation_id")
+    if conversation_id is not None and not (
+        isinstance(conversation_id, str) and ID_PATTERN.fullmatch(conversation_id)
+    ):
+        raise invalid("conversation_id", f"must be a string of {ID_RULE}")
     return Request(
         request_id,
         question,
@@ -197,6 +204,7 @@ def _request_from_fields(fields: dict[str, Any], max_question_chars: int) -> Req
         stream=stream,
         id_chosen=raw_id is not None,
         max_message_bytes=max_message_bytes,
+        conversation_id=conversation_id,
     )
 
 
@@ -242,12 +250,22 @@ def _question(text: str, max_chars: int, request_id: str | None) -> str:
     return question
 
 
-# {"id": "<64 characters>"} with generous room for white space.
+# {"conversation_id": "<64 characters>"} with generous room for white space.
 _MAX_CANCEL_BYTES = 1024
 
 
 def parse_cancel(payload: bytes) -> str | None:
     """The request id in a `P/cancel` payload (`{"id": ...}` or the bare id), or None."""
+    return _id_payload(payload, "id")
+
+
+def parse_forget(payload: bytes) -> str | None:
+    """The conversation id in a `P/forget` payload (`{"conversation_id": ...}` or the bare id),
+    or None."""
+    return _id_payload(payload, "conversation_id")
+
+
+def _id_payload(payload: bytes, key: str) -> str | None:
     if len(payload) > _MAX_CANCEL_BYTES:
         return None
     try:
@@ -259,10 +277,10 @@ def parse_cancel(payload: bytes) -> str | None:
             fields = json.loads(text)
         except (ValueError, RecursionError):
             return None
-        request_id = fields.get("id") if isinstance(fields, dict) else None
+        found = fields.get(key) if isinstance(fields, dict) else None
     else:
-        request_id = text
-    return request_id if isinstance(request_id, str) and ID_PATTERN.fullmatch(request_id) else None
+        found = text
+    return found if isinstance(found, str) and ID_PATTERN.fullmatch(found) else None
 
 
 # --- outgoing stream messages -----------------------------------------------------------
@@ -308,6 +326,28 @@ class Chunk(StreamMessage):
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    # Prompt tokens whose model state was reused, not computed (PROTOCOL.md, "Prompt reuse").
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ConversationInfo:
+    """`done.conversation`: where a turn stands in its conversation (PROTOCOL.md)."""
+
+    id: str
+    turn: int  # 1 = first; a turn that is not remembered leaves the number to the next one
+    context_tokens: int  # tokens of the earlier turns the model saw, after dropping
+    dropped_turns: int  # turns cut so far for the token budget
+    new: bool  # this turn started the conversation
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "turn": self.turn,
+            "context_tokens": self.context_tokens,
+            "dropped_turns": self.dropped_turns,
+            "new": self.new,
+        }
 
 
 @dataclass(frozen=True)
@@ -328,6 +368,7 @@ class Done(StreamMessage):
     timing: Timing
     # Parts left out to fit a small packet, in this order (PROTOCOL.md, "Tiny devices").
     omitted: tuple[str, ...] = ()
+    conversation: ConversationInfo | None = None
 
     def fields(self) -> dict[str, Any]:
         timing = self.timing
@@ -341,6 +382,7 @@ class Done(StreamMessage):
             body["usage"] = {
                 "prompt_tokens": self.usage.prompt_tokens,
                 "completion_tokens": self.usage.completion_tokens,
+                "cached_tokens": self.usage.cached_tokens,
             }
         if "timing" not in self.omitted:
             body["timing"] = {
@@ -349,6 +391,9 @@ class Done(StreamMessage):
                 "total_ms": round(timing.total_ms, 1),
                 "tokens_per_s": _round(timing.tokens_per_s),
             }
+        if self.conversation is not None:
+            # Never left out: a tiny device needs it to know whether its turn was remembered.
+            body["conversation"] = self.conversation.to_dict()
         return body
 
     def smaller(self) -> list[Done]:
@@ -423,6 +468,7 @@ class Health:
     queue: Mapping[str, Any]
     counters: Mapping[str, Any]
     last: Mapping[str, Any]
+    conversations: Mapping[str, Any]
 
     def to_payload(self) -> bytes:
         body = {
@@ -437,5 +483,6 @@ class Health:
             "queue": dict(self.queue),
             "counters": dict(self.counters),
             "last": dict(self.last),
+            "conversations": dict(self.conversations),
         }
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

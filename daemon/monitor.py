@@ -28,6 +28,7 @@ class Snapshot:
     queue: dict[str, object]
     counters: dict[str, object]
     last: dict[str, object]
+    conversations: dict[str, object]
 
 
 class Monitor:
@@ -115,6 +116,7 @@ class Monitor:
             queue=snapshot.queue,
             counters=snapshot.counters,
             last=snapshot.last,
+            conversations=snapshot.conversations,
         )
 
     def _loop(self) -> None:

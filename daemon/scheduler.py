@@ -12,6 +12,7 @@ from typing import Protocol
 
 from daemon.loglimit import LogLimiter
 from daemon.messages import (
+    ConversationInfo,
     Done,
     Error,
     ErrorCode,
@@ -48,6 +49,8 @@ class Generation:
     completion_tokens: int
     first_token_monotonic: float | None
     end_monotonic: float
+    cached_tokens: int = 0  # prompt tokens whose model state was reused
+    conversation: ConversationInfo | None = None  # for a turn of a conversation
 
 
 class Generator(Protocol):
@@ -61,6 +64,7 @@ class Generator(Protocol):
         temperature: float | None,
         on_text: Callable[[str], None],
         should_stop: Callable[[], bool],
+        conversation_id: str | None = None,
     ) -> Generation: ...
 
 
@@ -102,9 +106,12 @@ class Scheduler:
         flush_ms: float = 0.0,
         max_chunk_chars: int | None = None,
         on_busy_change: Callable[[], None] = lambda: None,
+        next_turn: Callable[[str], ConversationInfo] | None = None,
     ) -> None:
-        """`on_busy_change` runs on the worker thread when a generation starts or ends."""
+        """`on_busy_change` runs on the worker thread when a generation starts or ends;
+        `next_turn` tells where a conversation stands, for a turn that ends unanswered."""
         self._on_busy_change = on_busy_change
+        self._next_turn = next_turn or _first_turn
         self._log = LogLimiter(log)
         self._flush_ms = flush_ms
         self._max_chunk_chars = max_chunk_chars
@@ -367,6 +374,7 @@ class Scheduler:
                 temperature=request.temperature,
                 on_text=chunks.add,
                 should_stop=should_stop,
+                conversation_id=request.conversation_id,
             )
         except RequestError as exc:
             with self._cond:
@@ -396,9 +404,8 @@ class Scheduler:
         else:
             reason = "stop"
         timing = _timing(job.received_monotonic, started, result)
-        job.stream.send(
-            Done(result.text, reason, Usage(result.prompt_tokens, result.completion_tokens), timing)
-        )
+        usage = Usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+        job.stream.send(Done(result.text, reason, usage, timing, conversation=result.conversation))
         with self._cond:
             if reason == "cancelled":
                 self.counters.cancelled += 1
@@ -445,7 +452,16 @@ class Scheduler:
         else:
             # It never reached the model: health counts it with the refused ones.
             self.counters.rejected += 1
-        job.stream.send(Done("", reason, Usage(0, 0), Timing(waited_ms, None, waited_ms, None)))
+        conversation_id = job.request.conversation_id
+        job.stream.send(
+            Done(
+                "",
+                reason,
+                Usage(0, 0),
+                Timing(waited_ms, None, waited_ms, None),
+                conversation=None if conversation_id is None else self._next_turn(conversation_id),
+            )
+        )
         log.info(
             "request %s ended: %s while queued after %d ms",
             job.request.id,
@@ -461,6 +477,10 @@ class Scheduler:
     def _retry_after_s(self) -> float:
         ahead = len(self._queue) + (1 if self._running is not None else 0)
         return round(max(1.0, self._request_s * ahead), 1)
+
+
+def _first_turn(conversation_id: str) -> ConversationInfo:
+    return ConversationInfo(conversation_id, 1, 0, 0, new=True)
 
 
 def _timing(received: float, started: float, result: Generation) -> Timing:

@@ -33,6 +33,7 @@ HEALTH_KEYS = {
     "queue",
     "counters",
     "last",
+    "conversations",
 }
 SECTION_KEYS = {
     "cpu": {"percent", "per_core", "freq_mhz", "load"},
@@ -42,6 +43,7 @@ SECTION_KEYS = {
     "queue": {"depth", "capacity"},
     "counters": {"answered", "errors", "rejected", "cancelled"},
     "last": {"tokens_per_s", "first_token_ms"},
+    "conversations": {"active", "state_mb"},
 }
 
 
