@@ -68,11 +68,21 @@ class Identity:
         )
 
     def differences(self, saved: Any) -> list[str]:
-        """The fields in which a saved identity differs from this one (all, if unreadable)."""
+        """What differs between a saved identity and this one, for a person (all of it, if
+        the saved one cannot be read)."""
         mine = dataclasses.asdict(self)
         if not isinstance(saved, dict):
-            return list(mine)
-        return [name for name, value in mine.items() if saved.get(name) != value]
+            saved = {}
+        return [_NAMES[name] for name, value in mine.items() if saved.get(name) != value]
+
+
+_NAMES = {
+    "model": "model file",
+    "ctx": "model.ctx",
+    "template_sha256": "chat template",
+    "system_prompt_sha256": "model.system_prompt",
+    "llama": "llama.cpp version",
+}
 
 
 @dataclass(frozen=True)

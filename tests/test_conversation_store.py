@@ -194,10 +194,11 @@ def test_expired_files_are_deleted_at_start(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "logged"),
     [
-        ({"model": "999:1:def"}, "model changed"),
-        ({"ctx": 4096}, "ctx changed"),
-        ({"system_prompt_sha256": "other"}, "system_prompt_sha256 changed"),
-        ({"template_sha256": "other"}, "template_sha256 changed"),
+        ({"model": "999:1:def"}, "another setup (model file changed)"),
+        ({"ctx": 4096}, "another setup (model.ctx changed)"),
+        ({"system_prompt_sha256": "other"}, "another setup (model.system_prompt changed)"),
+        ({"template_sha256": "other"}, "another setup (chat template changed)"),
+        ({"llama": "0.4"}, "another setup (llama.cpp version changed)"),
     ],
 )
 def test_a_state_of_another_setup_is_refused_and_the_text_kept(
