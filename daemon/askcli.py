@@ -27,7 +27,7 @@ from daemon.asker import (
     read_retained,
 )
 from daemon.config import Config, ConfigError, load, sanitize_device_id
-from daemon.messages import new_request_id
+from daemon.messages import ID_PATTERN, ID_RULE, new_request_id
 from daemon.topics import Topics
 
 EXIT_CODES_HELP = f"""exit codes:
@@ -125,6 +125,13 @@ def add_commands(commands: Any) -> None:
         "--no-stream", action="store_true", help='ask with "stream": false (one message at the end)'
     )
     ask.add_argument(
+        "--conversation",
+        metavar="ID",
+        type=conversation_id_arg,
+        help="ask it as the next turn of conversation ID (1-64 of A-Z a-z 0-9 . _ -); "
+        "the kiosk keeps the earlier turns (see `kioskd chat`)",
+    )
+    ask.add_argument(
         "--max-message-bytes",
         type=int,
         metavar="N",
@@ -144,6 +151,13 @@ def add_commands(commands: Any) -> None:
     )
     status.add_argument("--json", action="store_true", help="print the raw health JSON")
     status.set_defaults(handler=run_status)
+
+
+def conversation_id_arg(value: str) -> str:
+    """argparse type of a conversation id: refused here rather than by the kiosk."""
+    if not ID_PATTERN.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"a conversation id is {ID_RULE}")
+    return value
 
 
 def _add_target_options(parser: argparse.ArgumentParser) -> None:
@@ -195,6 +209,7 @@ def run_ask(args: argparse.Namespace) -> int:
             check_status=True,
             login=target.login,
             into=answer,
+            conversation_id=args.conversation,
         )
         return _ask_result(args, target, answer)
     except UnavailableError as exc:

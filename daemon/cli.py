@@ -1,4 +1,4 @@
-"""Command line: run, check-config, ask, status, web, fetch-model, bench."""
+"""Command line: run, check-config, ask, status, chat, web, fetch-model, bench."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from daemon import __version__, askcli, exitcodes
+from daemon import __version__, askcli, chatcli, exitcodes
 from daemon.config import Config, ConfigError, config_warnings, load
 
 log = logging.getLogger("daemon")
@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_check_config)
 
     askcli.add_commands(commands)
+    chatcli.add_command(commands)
 
     web = commands.add_parser("web", help="serve the kiosk's touch page (docs: README)")
     web.add_argument("--config", type=Path, help="YAML config file (mqtt and web sections)")
