@@ -54,6 +54,25 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="measure kioskd over MQTT against the raw llama-cpp-python loop"
     )
+    bench.add_argument(
+        "mode",
+        nargs="?",
+        choices=["conversation"],
+        help="conversation: turn 5's first token with its saved state against reading its "
+        "history again, and memory and files over many conversations",
+    )
+    bench.add_argument(
+        "--conversations",
+        type=int,
+        default=200,
+        help="with conversation: conversations of 3 turns through one daemon (0: skip)",
+    )
+    bench.add_argument(
+        "--max-state-mb",
+        type=float,
+        default=16.0,
+        help="with conversation: the daemon's conversations.max_state_mb",
+    )
     bench.add_argument("--reps", type=int, default=5, help="repetitions per length")
     bench.add_argument("--tokens", default="64,512", help="answer lengths, comma-separated")
     bench.add_argument("--threads", type=int, help="model threads (default: as kioskd)")
@@ -184,6 +203,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     _setup_logging("WARNING")
     lengths = [int(n) for n in args.tokens.split(",")]
+    if args.mode == "conversation":
+        return _bench_conversation(args)
     if args.web:
         from daemon.bench_web import main as bench_web  # noqa: PLC0415
 
@@ -309,6 +330,24 @@ def _bench_load(args: argparse.Namespace, tokens: int) -> int:
         )
         print(bench_load.render_chunking(chunking))
         print(f"full results: {args.out / 'bench-chunking.json'}")
+    return exitcodes.OK
+
+
+def _bench_conversation(args: argparse.Namespace) -> int:
+    from daemon import bench_conversation  # noqa: PLC0415 - loads llama.cpp
+    from daemon.config import default_threads  # noqa: PLC0415
+    from daemon.models import resolve  # noqa: PLC0415
+
+    result = bench_conversation.main(
+        reps=args.reps,
+        threads=args.threads or default_threads(),
+        model=resolve(args.model).path,
+        out_dir=args.out,
+        conversations=args.conversations,
+        max_state_mb=args.max_state_mb,
+    )
+    print(bench_conversation.render(result))
+    print(f"full results: {args.out / 'bench-conversation.json'}")
     return exitcodes.OK
 
 

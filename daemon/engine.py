@@ -128,6 +128,9 @@ class Engine:
         self._memory = lib.llama_get_memory(self._ctx)
         self._vocab = lib.llama_model_get_vocab(self._model)
         self._cached: list[int] = []  # the tokens whose keys and values the KV cache holds
+        # Gemma 3's sliding-window layers attend to the last n_swa positions only; a saved
+        # state keeps just those, so a restored cache must not be cut back (see _safe_keep).
+        self._n_swa = lib.llama_model_n_swa(self._model)
         self._step = (lib.llama_token * settings.batch_tokens)()
         bos_id, eos_id = lib.llama_vocab_bos(self._vocab), lib.llama_vocab_eos(self._vocab)
         template = lib.llama_model_chat_template(self._model, None)
@@ -281,11 +284,17 @@ class Engine:
     def prompt_tokens(self, question: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
         """The prompt of `question` after the earlier (question, answer) turns of `history`."""
         rendered = self._prompts.build_turns(question, history)
+        return self._tokens_of(rendered.segments, add_bos=rendered.add_bos)
+
+    def history_tokens(self, history: Sequence[tuple[str, str]]) -> list[int]:
+        """The tokens every next prompt of a conversation starts with: up to its question."""
+        rendered = self._prompts.build_turns("", history)
+        return self._tokens_of(rendered.segments[:-2], add_bos=rendered.add_bos)
+
+    def _tokens_of(self, segments: Sequence[tuple[str, bool]], *, add_bos: bool) -> list[int]:
         tokens: list[int] = []
-        for text, template in rendered.segments:
-            tokens += self.tokenize(
-                text, special=template, add_bos=rendered.add_bos and not tokens and template
-            )
+        for text, template in segments:
+            tokens += self.tokenize(text, special=template, add_bos=add_bos and not tokens)
         return tokens
 
     @property
@@ -293,8 +302,17 @@ class Engine:
         """The chat template in use, for telling whether a saved model state still fits."""
         return self._prompts.template_text
 
-    def save_sequence(self) -> SavedState | None:
-        """A copy of the model state of the tokens in the KV cache (a conversation's so far)."""
+    def save_sequence(self, prefix: list[int]) -> SavedState | None:
+        """A copy of the model state of `prefix` (a conversation's next prompt up to its
+        question), or of as much of it as the KV cache holds; None: it holds none of it."""
+        keep = self._safe_keep(seqstate.common_prefix(self._cached, prefix))
+        if keep < len(self._cached):
+            # Answer tokens the next prompt reads differently (or never evaluated) go first,
+            # so that the state is the start of the next prompt and is only ever continued.
+            if keep == 0 or not lib.llama_memory_seq_rm(self._memory, -1, keep, -1):
+                self.forget_prompt_cache()
+                return None
+            del self._cached[keep:]
         return seqstate.capture(self._ctx, self._cached)
 
     def generate(
@@ -374,19 +392,33 @@ class Engine:
     def _reuse(self, prompt: list[int], resume: SavedState | None) -> int:
         """Keep the longest prefix of `prompt` whose state is at hand, from the KV cache or from
         `resume`; returns how many prompt tokens need no computing."""
-        held = 0 if resume is None else min(resume.common_prefix(prompt), len(prompt) - 1)
+        held = 0
+        if resume is not None:
+            held = resume.common_prefix(prompt)
+            if held < len(resume.tokens) and self._n_swa:
+                held = 0  # it would have to be cut back, which a restored state cannot be
+            held = min(held, len(prompt) - 1)
         if resume is not None and held > self._cached_prefix(prompt):
             if seqstate.restore(self._ctx, resume):
                 self._cached = list(resume.tokens)
             else:
                 log.warning("llama.cpp refused a saved conversation state; reading it again")
                 self.forget_prompt_cache()
-        keep = self._cached_prefix(prompt)
+        keep = self._safe_keep(self._cached_prefix(prompt))
         if keep > 0 and lib.llama_memory_seq_rm(self._memory, -1, keep, -1):
             del self._cached[keep:]
             return keep
         self.forget_prompt_cache()
         return 0
+
+    def _safe_keep(self, keep: int) -> int:
+        """`keep`, or 0 when cutting the cache back to it would leave sliding-window layers
+        without keys that the next positions attend to: after a restore they hold only the
+        last n_swa positions (measured: restored and cut back, logits off by up to 14)."""
+        if keep >= len(self._cached) or not self._n_swa:
+            return keep
+        oldest = lib.llama_memory_seq_pos_min(self._memory, 0)
+        return keep if 0 <= oldest <= max(0, keep - self._n_swa) else 0
 
     def _decode(self, prompt: list[int], temp: float) -> Generator[int, None, None]:
         """Evaluate the prompt after the part `_reuse` kept, then yield one token at a time."""

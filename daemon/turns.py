@@ -70,7 +70,8 @@ class Turns:
             )
             if not result.stopped:  # PROTOCOL.md: only answers that end stop or length
                 exchange = (question, result.text)
-                state = engine.save_sequence() if self._keep_state else None
+                if self._keep_state:
+                    state = engine.save_sequence(engine.history_tokens((*history, exchange)))
         finally:
             self._store.finish(start, exchange, dropped=dropped, state=state)
         info = start.info(context_tokens=context_tokens, dropped_now=dropped)
