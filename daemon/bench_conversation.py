@@ -249,8 +249,8 @@ def run_many(
                         turns += 1
                         if turn > 0:
                             cached.append(done["usage"]["cached_tokens"])
+                        peak_disk = max(peak_disk, _tree_bytes(files))
                 peak_mib = max(peak_mib, process.memory_info().rss / 2**20)
-                peak_disk = max(peak_disk, _tree_bytes(files))
                 print(
                     f"{group + len(members)}/{conversations} conversations: RSS "
                     f"{peak_mib:.1f} MiB (single question {single_mib:.1f}), files "

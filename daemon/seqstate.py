@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 from dataclasses import dataclass
+from typing import Any
 
 from daemon.llamacpp import lib
 
@@ -68,7 +69,9 @@ def restore(context: lib.llama_context_p, state: SavedState) -> bool:
     return bool(read)
 
 
-def _address(data: mmap.mmap) -> ctypes._Pointer[ctypes.c_uint8]:
-    # A pointer into the map without a copy; ctypes keeps the map alive while it is used.
-    array = (ctypes.c_uint8 * len(data)).from_buffer(data)
-    return ctypes.cast(array, ctypes.POINTER(ctypes.c_uint8))
+def _address(data: mmap.mmap) -> Any:
+    # The map's bytes as a ctypes array, without a copy; ctypes passes an array where a pointer
+    # to its items is expected. Not ctypes.cast: its result and the array share a dict that
+    # holds the array, a reference cycle that kept every state's map until the cyclic
+    # collector ran (measured: 30 dropped states of 1 MiB, +29 MiB RSS).
+    return (ctypes.c_uint8 * len(data)).from_buffer(data)

@@ -4,9 +4,11 @@ layers keep only the last window in a saved state); another model's state is ref
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from daemon import engine as engine_module
@@ -122,3 +124,25 @@ def test_another_models_state_is_refused(
         assert answer.cached_tokens == 0
     finally:
         other.close()
+
+
+def test_a_dropped_state_gives_its_memory_back_at_once(engine: Engine) -> None:
+    # With the cyclic collector off, a state kept alive by a reference cycle would show.
+    engine.forget_prompt_cache()
+    _answer(engine, "Which gloves for the press? " * 4, tokens=16)
+    process = psutil.Process()
+    gc.disable()
+    try:
+        before = process.memory_info().rss
+        sizes = []
+        for _ in range(20):
+            state = seqstate.capture(engine._ctx, engine._cached)
+            assert state is not None
+            sizes.append(state.nbytes)
+            assert seqstate.restore(engine._ctx, state)
+            del state
+        grown = process.memory_info().rss - before
+    finally:
+        gc.enable()
+    assert sum(sizes) > 10 * 2**20
+    assert grown < max(sizes) + 2**20, f"{grown / 2**20:.1f} MiB kept"
