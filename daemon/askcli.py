@@ -308,6 +308,14 @@ def run_status(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+def _conversations(section: Any) -> str:
+    if not isinstance(section, dict):
+        return "-"  # a kiosk from before conversations
+    return (
+        f"{section.get('active')} conversations kept, {section.get('state_mb')} MiB of model state"
+    )
+
+
 def describe_age(age_s: float) -> str:
     """'3 s ago', '5 min ago', '2.5 h ago', '3.0 days ago' (or how far ahead a clock is)."""
     if age_s < -2:
@@ -374,6 +382,7 @@ def render_health(prefix: str, status: str, health: dict[str, Any], now: float) 
             f"{show(model['name'])}, {show(model['threads'])} threads, ctx {show(model['ctx'])}",
         ),
         ("Queue", f"{queue['depth']} waiting of {queue['capacity']}"),
+        ("Chats", _conversations(health.get("conversations"))),
         ("Counters", ", ".join(f"{k} {v}" for k, v in counters.items())),
         (
             "Last",

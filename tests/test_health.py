@@ -314,6 +314,7 @@ def test_kioskd_status_prints_a_table(start_daemon: DaemonFactory, broker: Broke
     assert "online, state ready" in result.stdout
     assert "x86_pkg_temp 51.0 C" in result.stdout
     assert "SEN1 -" in result.stdout
+    assert "Chats     0 conversations kept, 0.0 MiB of model state" in result.stdout
     missing = subprocess.run(
         [
             sys.executable,
