@@ -277,6 +277,16 @@ class ConversationStore:
                 if conversation.version != conversation.saved_version
             ]
         for conversation, version, record in changed:
+            with self._lock:
+                if self._table.get(record.id) is not conversation:
+                    continue
+                if conversation.state_on_disk is not record.state:
+                    # The old state goes before the new one is written, so that the disk
+                    # never holds both and keeps to max_state_mb (a crash in between leaves
+                    # the text, which is read again).
+                    if conversation.state_on_disk is not None:
+                        files.remove_state(record.id)
+                    conversation.state_on_disk = None
             try:
                 prepared = files.prepare(record, state_on_disk=conversation.state_on_disk)
             except OSError as exc:

@@ -12,7 +12,7 @@ import pytest
 
 from daemon.conversations import ConversationStore
 from daemon.seqstate import SavedState, blank
-from daemon.statefile import Identity, StateFiles
+from daemon.statefile import Identity, Prepared, Record, StateFiles
 
 IDENTITY = Identity(
     model="1234:5678:abc", ctx=2048, template_sha256="t", system_prompt_sha256="s", llama="0.3"
@@ -266,16 +266,31 @@ def test_an_unreadable_conversation_file_is_skipped_and_deleted(
     assert {p.name for p in tmp_path.iterdir()} == {"c2.json"}
 
 
+class MeasuredFiles(StateFiles):
+    """StateFiles that note the bytes of state on disk when a new one has just been written:
+    the fullest the directory gets."""
+
+    peak_state_bytes = 0
+
+    def prepare(self, record: Record, *, state_on_disk: SavedState | None) -> Prepared:
+        prepared = super().prepare(record, state_on_disk=state_on_disk)
+        on_disk = sum(p.stat().st_size for p in self.directory.glob("*.state*"))
+        self.peak_state_bytes = max(self.peak_state_bytes, on_disk)
+        return prepared
+
+
 def test_files_on_disk_keep_to_the_state_budget(tmp_path: Path) -> None:
     clock = Clock()
-    files = StateFiles(tmp_path, IDENTITY)
+    files = MeasuredFiles(tmp_path, IDENTITY)
     store = _store(clock, files, max_state_bytes=50_000, max_active=100)
     for number in range(40):
-        _turn(store, f"c{number}", "q", _state(5, 9_000))
+        # Conversations grow: each new state replaces a smaller one on disk.
+        _turn(store, f"c{number % 6}", "q", _state(5, 6_000 + 100 * number))
         if number % 3 == 0:
             store.save()
     store.save()
-    states = sum(p.stat().st_size for p in tmp_path.glob("*.state"))
-    assert states <= 50_000
+    assert files.peak_state_bytes > 40_000, "the budget was reached"
+    assert files.peak_state_bytes <= 50_000
+    assert sum(p.stat().st_size for p in tmp_path.glob("*.state")) <= 50_000
     assert store.state_bytes <= 50_000
-    assert store.active == 40
+    assert store.active == 6
