@@ -125,6 +125,14 @@ def test_follow_ups_carry_their_history_and_reuse_its_model_state(
     kiosk.forget("never-was")  # ignored
     assert kiosk.ask("Still there?", "press-7")["conversation"]["turn"] == 2
 
+    # A tiny device's done always keeps its conversation block: too small a limit is refused.
+    conversation = "Vb3kQ9x2LmT7pR4sNw8YzA"
+    refused = kiosk.send("Hi?", conversation, max_message_bytes=256)
+    error = assert_well_formed(client.stream(daemon.topic(f"answer/{refused}")), refused)
+    assert error["code"] == "too_large"
+    tiny = kiosk.ask("Hi?", conversation, max_message_bytes=320)
+    assert tiny["conversation"]["new"]
+
 
 def test_turns_are_answered_in_arrival_order_and_unfinished_ones_are_not_remembered(
     start_daemon: DaemonFactory, client: TestClient, slow_tokens: dict[str, str]
