@@ -276,7 +276,9 @@ class App:
         cpu_c = telemetry.thermal.cpu_c if telemetry is not None else None
         return (
             f"{self.state}; running {self.scheduler.running_id or '-'}, queue "
-            f"{self.scheduler.depth}/{self.scheduler.capacity}, unacknowledged questions "
+            f"{self.scheduler.depth}/{self.scheduler.capacity}, conversations "
+            f"{self.conversations.active} ({self.conversations.state_bytes / 2**20:.1f} MiB of "
+            f"state), unacknowledged questions "
             f"{self.ledger.held}; broker {'connected' if self.connection.connected else 'away'}"
             f"{'' if self.connection.problem is None else f' ({self.connection.problem})'}; "
             f"model {self._model_name or '-'}, threads {self.monitor_threads()}, CPU "

@@ -193,7 +193,8 @@ def _daemon(
         )
     try:
         deadline = time.monotonic() + 120
-        while _ask(port, "ping", None).get("type") != "done":
+        # A question sent before kioskd has subscribed is lost: ask again until one is answered.
+        while _ask(port, "ping", None, timeout_s=5).get("type") != "done":
             if time.monotonic() > deadline:
                 raise RuntimeError(f"kioskd did not answer; see {workdir / 'kioskd.log'}")
         yield psutil.Process(process.pid)
@@ -202,14 +203,16 @@ def _daemon(
         process.wait(60)
 
 
-def _ask(port: int, question: str, conversation: str | None) -> dict[str, Any]:
+def _ask(
+    port: int, question: str, conversation: str | None, timeout_s: float = 60
+) -> dict[str, Any]:
     answer = ask(
         question,
         host="127.0.0.1",
         port=port,
         prefix="bench/conversations",
         temperature=0.0,
-        timeout_s=60,
+        timeout_s=timeout_s,
         conversation_id=conversation,
     )
     return answer.final or {}

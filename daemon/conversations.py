@@ -242,7 +242,11 @@ class ConversationStore:
     def load(self, files: StateFiles) -> int:
         """Save to `files` from now on, and take in what it holds (at start); returns how many."""
         self._files = files
-        records = files.load(now_s=self._clock(), ttl_s=self._ttl_s)
+        try:
+            records = files.load(now_s=self._clock(), ttl_s=self._ttl_s)
+        except OSError as exc:
+            log.error("cannot read the saved conversations in %s: %s", files.directory, exc)
+            return 0
         with self._lock:
             # Newest first: beyond max_active, the oldest ones are the ones left out.
             for index, record in enumerate(records):

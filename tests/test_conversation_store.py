@@ -294,3 +294,16 @@ def test_files_on_disk_keep_to_the_state_budget(tmp_path: Path) -> None:
     assert sum(p.stat().st_size for p in tmp_path.glob("*.state")) <= 50_000
     assert store.state_bytes <= 50_000
     assert store.active == 6
+
+
+def test_a_directory_that_cannot_be_written_is_logged_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the directory should be")
+    store = _store(Clock(), StateFiles(blocked, IDENTITY))
+    _turn(store, "c1", "q1", _state(5, 100))
+    with caplog.at_level(logging.ERROR):
+        store.save()
+    assert "cannot save conversation c1" in caplog.text
+    assert not store.next_turn("c1").new, "it goes on in memory"
