@@ -9,23 +9,24 @@ import logging
 import select
 import signal
 import socket
-import ssl
 import threading
 import time
 from enum import StrEnum
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import yaml
 
 from daemon import __version__, exitcodes
 from daemon.broker import JSON, Connection, Delivery, Inbound, Will
-from daemon.config import Config, ConfigError, TlsConfig, config_warnings, from_dict, load
+from daemon.config import Config, ConfigError, config_warnings, from_dict, load
 from daemon.conversations import ConversationStore, Saver
 from daemon.discovery import discovery_messages
 from daemon.engine import Engine, EngineSettings, ModelLoadError, TestHooks
+from daemon.fleet import FleetMember
 from daemon.intake import Intake
-from daemon.ledger import Ledger
+from daemon.ledger import PacketLedger, RecentAnswers
 from daemon.loglimit import LogLimiter
 from daemon.messages import Error, ErrorCode, parse_cancel, parse_forget
 from daemon.models import EmbeddedModelError, resolve
@@ -134,30 +135,58 @@ class App:
         subscriptions = [self.topics.ask, self.topics.cancel, self.topics.forget]
         if config.homeassistant.enabled:
             subscriptions.append(self._ha_status)
-        mqtt = config.mqtt
-        self.connection = Connection(
-            host=mqtt.host,
-            port=mqtt.port,
+        self.connection = self._connection(
             client_id=config.client_id,
-            protocol=mqtt.protocol,
-            keepalive_s=mqtt.keepalive_s,
-            session_expiry_s=mqtt.session_expiry_s,
+            session_expiry_s=config.mqtt.session_expiry_s,
             will=Will(self.topics.status, b"offline"),
             subscriptions=subscriptions,
             on_message=self._on_message,
             on_connected=self._on_connected,
+            on_problem=self._on_broker_problem,
+        )
+        self.answers = RecentAnswers(
+            dedup_s=config.limits.dedup_s, max_ids=config.limits.dedup_max_ids
+        )
+        self.packets = PacketLedger(max_ids=config.limits.dedup_max_ids)
+        self.intake = Intake(
+            config,
+            self.topics,
+            self.scheduler,
+            self.connection,
+            packets=self.packets,
+            answers=self.answers,
+            device=config.device_id,
+        )
+        self.fleet = (
+            FleetMember(
+                config,
+                self.scheduler,
+                self.answers,
+                self._connection,
+                forget=self.conversations.forget,
+            )
+            if config.fleet.prefix is not None
+            else None
+        )
+
+    def _connection(self, **settings: Any) -> Connection:
+        """A connection to the configured broker; `settings` say whose and what for."""
+        mqtt = self.config.mqtt
+        return Connection(
+            host=mqtt.host,
+            port=mqtt.port,
+            protocol=mqtt.protocol,
+            keepalive_s=mqtt.keepalive_s,
             reconnect_min_s=mqtt.reconnect_min_s,
             reconnect_max_s=mqtt.reconnect_max_s,
             username=mqtt.username,
-            password=config.mqtt_password(),
-            tls_context=tls_context(mqtt.tls),
-            on_problem=self._on_broker_problem,
+            password=self.config.mqtt_password(),
+            tls_context=mqtt.tls.ssl_context(),
             # PROTOCOL.md "Crash safety": a question is acknowledged once it is answered.
             manual_ack=True,
             max_packet_bytes=mqtt.max_message_bytes,
+            **settings,
         )
-        self.ledger = Ledger(dedup_s=config.limits.dedup_s, max_ids=config.limits.dedup_max_ids)
-        self.intake = Intake(config, self.topics, self.scheduler, self.connection, self.ledger)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -215,6 +244,8 @@ class App:
             log.warning("config: %s", warning)
         # Connect first, so questions sent while the model loads are queued, not lost.
         self.connection.start()
+        if self.fleet is not None:
+            self.fleet.start()  # joins the share only once it can answer
         self.monitor.start()
         self._enter(State.LOADING)
         try:
@@ -230,6 +261,9 @@ class App:
         self._load_conversations(self._engine)
         self.scheduler.start(self._turns(self._engine))
         self._enter(State.READY)
+        if self.fleet is not None and not self.scheduler.overheated:
+            # PROTOCOL.md: online only once every subscription, the share too, is acknowledged.
+            self.fleet.join()
         self._announce_online()
         if self.config.homeassistant.enabled:
             self._publish_discovery()  # now with the model's name
@@ -274,12 +308,13 @@ class App:
         counters = self.scheduler.counters
         telemetry = self.monitor.last_telemetry
         cpu_c = telemetry.thermal.cpu_c if telemetry is not None else None
+        held = self.packets.held + (self.fleet.packets.held if self.fleet else 0)
         return (
             f"{self.state}; running {self.scheduler.running_id or '-'}, queue "
             f"{self.scheduler.depth}/{self.scheduler.capacity}, conversations "
             f"{self.conversations.active} ({self.conversations.state_bytes / 2**20:.1f} MiB of "
             f"state), unacknowledged questions "
-            f"{self.ledger.held}; broker {'connected' if self.connection.connected else 'away'}"
+            f"{held}; broker {'connected' if self.connection.connected else 'away'}"
             f"{'' if self.connection.problem is None else f' ({self.connection.problem})'}; "
             f"model {self._model_name or '-'}, threads {self.monitor_threads()}, CPU "
             f"{'-' if cpu_c is None else f'{cpu_c:.1f} C'}; answered {counters.answered}, "
@@ -315,8 +350,10 @@ class App:
         thermal = new.thermal
         self.monitor.set_limits(thermal.soft_limit_c, thermal.hard_limit_c, thermal.resume_below_c)
         self.intake.reconfigure(new)
+        if self.fleet is not None:
+            self.fleet.intake.reconfigure(new)
         self.scheduler.set_capacity(new.queue.capacity)
-        self.ledger.set_dedup_s(new.limits.dedup_s)
+        self.answers.set_dedup_s(new.limits.dedup_s)
 
     def _load_engine(self) -> Engine:
         model = self.config.model
@@ -336,6 +373,7 @@ class App:
                 seed=model.seed,
                 batch_tokens=model.batch_tokens,
                 mmap=model.mmap,
+                gpu_layers=model.gpu_layers,
             ),
             self._hooks,
         )
@@ -385,6 +423,8 @@ class App:
     def _shutdown(self) -> None:
         self.notifier.stopping()
         self.watchdog.stop()
+        if self.fleet is not None:
+            self.fleet.leave("stopping")  # later fleet questions go to the others
         self._enter(State.DRAINING)
         worker_stopped = self.scheduler.drain(self.config.shutdown.grace_s)
         if worker_stopped:
@@ -394,6 +434,8 @@ class App:
         if self.connection.connected:
             offline.wait(_FLUSH_TIMEOUT_S)
         self.connection.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
         if self._engine is not None:
             if worker_stopped:
                 self._engine.close()
@@ -410,7 +452,7 @@ class App:
     def _report_fatal(self, code: ErrorCode, message: str) -> None:
         """Tell clients why we are not coming up, when the broker is reachable."""
         if self.connection.wait_connected(_FLUSH_TIMEOUT_S):
-            payload = Error(code, message).to_payload(None, 0)
+            payload = Error(code, message).to_payload(None, 0, device=self.config.device_id)
             self.connection.publish(self.topics.error, payload).wait(_FLUSH_TIMEOUT_S)
 
     def _install_signal_handlers(self) -> None:
@@ -442,6 +484,11 @@ class App:
         # The governor looks again every interval; two intervals is a fair first retry.
         retry_after_s = round(max(5.0, 2 * self.config.telemetry.interval_s), 1)
         self.scheduler.set_overheated(retry_after_s if decision.overheated else None)
+        if self.fleet is not None and self._lifecycle is State.READY:
+            if decision.overheated:
+                self.fleet.leave(decision.reason)
+            else:
+                self.fleet.join()
 
     def _snapshot(self) -> Snapshot:
         counters = self.scheduler.counters
@@ -466,6 +513,13 @@ class App:
             conversations={
                 "active": self.conversations.active,
                 "state_mb": round(self.conversations.state_bytes / 2**20, 1),
+            },
+            fleet=None
+            if self.fleet is None
+            else {
+                "prefix": self.fleet.topics.prefix,
+                "group": self.fleet.group,
+                "member": self.fleet.member,
             },
         )
 
@@ -511,23 +565,17 @@ class App:
                 self._publish_discovery()
 
     def _on_message(self, message: Inbound) -> None:
-        if message.topic == self.topics.ask and not message.retain:
-            self.intake.handle(message)  # it acknowledges the question once answered
-            return
-        try:
-            if message.topic == self.topics.ask:
-                self.intake.refuse_retained(message)
-            elif message.topic == self._ha_status and self.config.homeassistant.enabled:
-                if message.payload.strip() == b"online":
-                    log.info("Home Assistant restarted; sending discovery again")
-                    self._publish_discovery()
-            elif message.topic == self.topics.cancel:
-                self._on_cancel(message)
-            elif message.topic == self.topics.forget:
-                self._on_forget(message)
-        finally:
-            if not (message.topic == self.topics.ask and message.retain):
-                self.connection.acknowledge(message)
+        self.intake.dispatch(message, self._on_other_message)
+
+    def _on_other_message(self, message: Inbound) -> None:
+        if message.topic == self._ha_status and self.config.homeassistant.enabled:
+            if message.payload.strip() == b"online":
+                log.info("Home Assistant restarted; sending discovery again")
+                self._publish_discovery()
+        elif message.topic == self.topics.cancel:
+            self._on_cancel(message)
+        elif message.topic == self.topics.forget:
+            self._on_forget(message)
 
     def _on_cancel(self, message: Inbound) -> None:
         if message.retain:
@@ -606,7 +654,7 @@ def report_config_error(config_path: Path, problems: list[str]) -> None:
             protocol=config.mqtt.protocol,
             username=config.mqtt.username,
             password=config.mqtt_password(),
-            tls_context=tls_context(config.mqtt.tls),
+            tls_context=config.mqtt.tls.ssl_context(),
         )
     except ConfigError:
         return
@@ -615,21 +663,8 @@ def report_config_error(config_path: Path, problems: list[str]) -> None:
         if not connection.wait_connected(_FLUSH_TIMEOUT_S):
             return
         message = "kioskd cannot start: invalid configuration: " + "; ".join(problems)
-        payload = Error(ErrorCode.INTERNAL, message).to_payload(None, 0)
+        payload = Error(ErrorCode.INTERNAL, message).to_payload(None, 0, device=config.device_id)
         connection.publish(topics.error, payload).wait(_FLUSH_TIMEOUT_S)
         connection.publish(topics.status, b"offline", retain=True).wait(_FLUSH_TIMEOUT_S)
     finally:
         connection.stop()
-
-
-def tls_context(tls: TlsConfig) -> ssl.SSLContext | None:
-    """A verifying client TLS context from mqtt.tls, or None for plain TCP."""
-    if not tls.active:
-        return None
-    try:
-        context = ssl.create_default_context(cafile=tls.ca_file)
-        if tls.cert_file:
-            context.load_cert_chain(tls.cert_file, tls.key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError([f"mqtt.tls: cannot load the certificates: {exc}"]) from exc
-    return context

@@ -43,7 +43,7 @@ EXIT_CODES_HELP = f"""exit codes:
   {exitcodes.OUTPUT_CLOSED:<3}  output closed, e.g. by `| head` (ask; the question is cancelled)
 """
 
-_EXIT_CODES = {
+EXIT_CODES = {
     Reason.NO_KIOSK: exitcodes.NO_KIOSK,
     Reason.BROKER_UNREACHABLE: exitcodes.BROKER_UNREACHABLE,
     Reason.KIOSK_OFFLINE: exitcodes.KIOSK_OFFLINE,
@@ -68,7 +68,7 @@ def _quiet_retries(record: logging.LogRecord) -> bool:
     return not record.getMessage().endswith("(retrying with backoff)")
 
 
-def _say(command: str, text: str) -> None:
+def say(command: str, text: str) -> None:
     print(f"kioskd {command}: {text}", file=sys.stderr, flush=True)
 
 
@@ -80,12 +80,15 @@ def _target(args: argparse.Namespace, command: str) -> Target | None:
         login = Login(
             username=config.mqtt.username,
             password=config.mqtt_password(),
-            tls_context=_tls_context(config),
+            tls_context=config.mqtt.tls.ssl_context(),
             protocol=config.mqtt.protocol,
         )
     except ConfigError as exc:
+        if isinstance(exc.__cause__, PermissionError) and args.config is not None:
+            say(command, config_unreadable(args.config))
+            return None
         for problem in exc.problems:
-            _say(command, problem)
+            say(command, problem)
         return None
     host = args.host or config.mqtt.host
     port = args.port or config.mqtt.port
@@ -98,13 +101,18 @@ def _target(args: argparse.Namespace, command: str) -> Target | None:
     return Target(host, port, prefix, login)
 
 
-def _tls_context(config: Config) -> Any:
-    if not config.mqtt.tls.active:
-        return None
-    # daemon.app loads llama.cpp; only a TLS broker pays for that import.
-    from daemon.app import tls_context  # noqa: PLC0415
+def config_unreadable(path: Path) -> str:
+    """Why an operator cannot read the config (0640 root:kioskd when installed), and the ways in."""
+    import grp  # noqa: PLC0415 - only for this message
 
-    return tls_context(config.mqtt.tls)
+    try:
+        group = grp.getgrgid(path.stat().st_gid).gr_name
+    except (OSError, KeyError):
+        group = "kioskd"
+    return (
+        f"cannot read {path}: permission denied; run with sudo, or add yourself to group "
+        f"{group} (sudo usermod -aG {group} $USER, then log in again)"
+    )
 
 
 def add_commands(commands: Any) -> None:
@@ -117,6 +125,11 @@ def add_commands(commands: Any) -> None:
     )
     ask.add_argument("question")
     _add_target_options(ask)
+    ask.add_argument(
+        "--fleet",
+        metavar="F",
+        help="ask the fleet with prefix F (F/ask, one kiosk of it answers) instead of one kiosk",
+    )
     ask.add_argument("--max-tokens", type=int, help="longest answer in tokens")
     ask.add_argument("--temperature", type=float)
     ask.add_argument("--timeout-s", type=float, default=120.0, help="give up after this long")
@@ -146,6 +159,11 @@ def add_commands(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_target_options(status)
+    status.add_argument(
+        "--fleet",
+        metavar="F",
+        help="one line per kiosk of the fleet with prefix F, found by their retained health",
+    )
     status.add_argument(
         "--timeout-s", type=float, default=2.0, help="wait this long for the retained messages"
     )
@@ -199,27 +217,28 @@ def run_ask(args: argparse.Namespace) -> int:
             args.question,
             host=target.host,
             port=target.port,
-            prefix=target.prefix,
+            # A fleet has no status topic of its own: its members' are checked by `status`.
+            prefix=args.fleet or target.prefix,
             max_tokens=args.max_tokens,
             temperature=args.temperature,
             timeout_s=args.timeout_s,
             on_message=show,
             stream=not args.no_stream,
             max_message_bytes=args.max_message_bytes,
-            check_status=True,
+            check_status=args.fleet is None,
             login=target.login,
             into=answer,
             conversation_id=args.conversation,
         )
         return _ask_result(args, target, answer)
     except UnavailableError as exc:
-        _say("ask", str(exc))
-        return _EXIT_CODES[exc.reason]
+        say("ask", str(exc))
+        return EXIT_CODES[exc.reason]
     except KeyboardInterrupt:
         # A second Ctrl-C while this line is written must not end in a traceback either.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _end_line(args, answer)
-        _say("ask", f"interrupted; {_cancel_note(target, answer)}")
+        say("ask", f"interrupted; {_cancel_note(target, answer)}")
         return exitcodes.INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`| head`); the standard recipe: stop quietly, and point stdout
@@ -232,7 +251,7 @@ def _ask_result(args: argparse.Namespace, target: Target, answer: Answer) -> int
     final = answer.final
     if final is None:
         _end_line(args, answer)
-        _say(
+        say(
             "ask",
             f"no answer within {args.timeout_s:g} s from {target.prefix} on {target.where}; "
             f"{_cancel_note(target, answer)}",
@@ -242,7 +261,7 @@ def _ask_result(args: argparse.Namespace, target: Target, answer: Answer) -> int
         _end_line(args, answer)
         retry = final.get("retry_after_s")
         hint = f" (retry after {retry} s)" if retry is not None else ""
-        _say("ask", f"error {final.get('code')}: {final.get('message')}{hint}")
+        say("ask", f"error {final.get('code')}: {final.get('message')}{hint}")
         return exitcodes.FAILURE
     if not args.json:
         print(flush=True)
@@ -270,6 +289,10 @@ def run_status(args: argparse.Namespace) -> int:
     target = _target(args, "status")
     if target is None:
         return exitcodes.CONFIG_ERROR
+    if args.fleet:
+        from daemon.fleetcli import fleet_status  # noqa: PLC0415 - it imports this module
+
+        return fleet_status(args, target)
     topics = Topics(target.prefix)
     try:
         retained = read_retained(
@@ -280,8 +303,8 @@ def run_status(args: argparse.Namespace) -> int:
             login=target.login,
         )
     except UnavailableError as exc:
-        _say("status", str(exc))
-        return _EXIT_CODES[exc.reason]
+        say("status", str(exc))
+        return EXIT_CODES[exc.reason]
     status_payload = retained.payloads.get(topics.status)
     status = None if status_payload is None else status_payload.decode("utf-8", "replace")
     health: dict[str, Any] | None = None
@@ -289,7 +312,7 @@ def run_status(args: argparse.Namespace) -> int:
         try:
             health = json.loads(retained.payloads[topics.health])
         except ValueError:
-            _say("status", f"{topics.health} is not JSON: {retained.payloads[topics.health]!r}")
+            say("status", f"{topics.health} is not JSON: {retained.payloads[topics.health]!r}")
     if health is not None:
         # An offline kiosk's last health still tells what it was doing, and how long ago.
         if args.json:
@@ -297,13 +320,13 @@ def run_status(args: argparse.Namespace) -> int:
         else:
             print(render_health(target.prefix, status or "unknown", health, retained.read_at))
     if status is None:
-        _say("status", no_kiosk_message(topics, target.where))
+        say("status", no_kiosk_message(topics, target.where))
         return exitcodes.NO_KIOSK
     if status != "online":
-        _say("status", offline_message(topics, target.where, status))
+        say("status", offline_message(topics, target.where, status))
         return exitcodes.KIOSK_OFFLINE
     if health is None:
-        _say("status", f"{target.prefix} is online, but nothing is retained on {topics.health}")
+        say("status", f"{target.prefix} is online, but nothing is retained on {topics.health}")
         return exitcodes.FAILURE
     return exitcodes.OK
 

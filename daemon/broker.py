@@ -32,6 +32,9 @@ _TAKEOVERS_REPORTED = 3
 # Outgoing messages paho may hold while disconnected: a few long answers' worth of chunks.
 _MAX_QUEUED_MESSAGES = 20000
 
+# SUBACK/UNSUBACK ids kept for waiters; only the last few requests are ever waited for.
+_MAX_REMEMBERED_ACKS = 256
+
 JSON = "application/json"
 
 
@@ -172,6 +175,9 @@ class Connection:
         self._connected_at = 0.0
         self._connack_refused = False
         self._pending_subscriptions: dict[int, list[str]] = {}
+        # Ids of SUBSCRIBE/UNSUBSCRIBE requests the broker has acknowledged, for waiters.
+        self._acks_cond = threading.Condition()
+        self._acked_requests: set[int] = set()
         # Callbacks for QoS 1 publishes, by packet id, run when the broker's PUBACK arrives. A
         # PUBACK may beat the registration (the network thread is quick on loopback): such ids
         # wait in _acked_early until their publish() registers.
@@ -204,6 +210,7 @@ class Connection:
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_connect_fail = self._handle_connect_fail
         self._client.on_subscribe = self._handle_subscribe
+        self._client.on_unsubscribe = self._handle_unsubscribe
         self._client.on_publish = self._handle_publish
         self._client.on_message = self._handle_message
 
@@ -327,7 +334,7 @@ class Connection:
         if delivered_now and on_delivered is not None:
             on_delivered()
 
-    def subscribe(self, topic: str) -> None:
+    def subscribe(self, topic: str) -> int | None:
         """Subscribe now and after every reconnect (a client's answer topic, before it asks).
 
         A PUBLISH queued after this call reaches the broker after the SUBSCRIBE, so the replies
@@ -335,21 +342,44 @@ class Connection:
         """
         with self._subscriptions_lock:
             if topic in self._subscriptions:
-                return
+                return None
             # A new list, never changed in place: the network thread may be iterating the old.
             self._subscriptions = [*self._subscriptions, topic]
         # While disconnected paho refuses this; the next connect subscribes to the whole list.
         _rc, mid = self._client.subscribe(topic, 1)
         if mid is not None:
             self._pending_subscriptions[mid] = [topic]
+        return mid
 
-    def unsubscribe(self, topic: str) -> None:
-        """Drop a subscription made with `subscribe`."""
+    def unsubscribe(self, topic: str) -> int | None:
+        """Drop a subscription made with `subscribe` (or given at construction)."""
         with self._subscriptions_lock:
             if topic not in self._subscriptions:
-                return
+                return None
             self._subscriptions = [t for t in self._subscriptions if t != topic]
-        self._client.unsubscribe(topic)
+        _rc, mid = self._client.unsubscribe(topic)
+        return mid
+
+    def wait_acknowledged(self, mid: int | None, timeout_s: float) -> bool:
+        """Wait for the SUBACK or UNSUBACK of the request `mid` (None: nothing was sent)."""
+        if mid is None:
+            return False
+        with self._acks_cond:
+            done = self._acks_cond.wait_for(lambda: mid in self._acked_requests, timeout_s)
+            self._acked_requests.discard(mid)
+            return done
+
+    @property
+    def subscribed(self) -> bool:
+        """Whether the broker has acknowledged every subscription asked for so far."""
+        return not self._pending_subscriptions
+
+    def _note_acknowledged(self, mid: int) -> None:
+        with self._acks_cond:
+            self._acked_requests.add(mid)
+            if len(self._acked_requests) > _MAX_REMEMBERED_ACKS:
+                self._acked_requests.pop()  # nobody waits for so old a request
+            self._acks_cond.notify_all()
 
     def stop(self) -> None:
         """Disconnect cleanly (no last will) and stop the network thread."""
@@ -455,8 +485,22 @@ class Connection:
                         f"broker refused the subscription to {topic}: {code} "
                         "(check the broker's ACL for this user)"
                     )
+            self._note_acknowledged(mid)
         except Exception:
             log.exception("error in subscribe handler")
+
+    def _handle_unsubscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode] | ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        try:
+            self._note_acknowledged(mid)
+        except Exception:
+            log.exception("error in unsubscribe handler")
 
     def _handle_publish(
         self,

@@ -16,13 +16,13 @@ from typing import Any
 
 from daemon import exitcodes
 from daemon.askcli import (
-    _EXIT_CODES,
+    EXIT_CODES,
     EXIT_CODES_HELP,
     Target,
     _add_target_options,
-    _say,
     _target,
     conversation_id_arg,
+    say,
 )
 from daemon.asker import Answer, UnavailableError, ask
 from daemon.messages import new_request_id
@@ -68,7 +68,7 @@ def run_chat(args: argparse.Namespace) -> int:
     if sys.stdin.isatty():
         import readline  # noqa: F401, PLC0415 - line editing and history for input()
 
-        _say(
+        say(
             "chat",
             f"{target.prefix} on {target.where}, conversation {conversation}; Ctrl-C stops "
             "an answer, Ctrl-D quits",
@@ -88,12 +88,12 @@ def run_chat(args: argparse.Namespace) -> int:
         try:
             final = _turn(args, target, question, conversation, check_status=check_status)
         except UnavailableError as exc:
-            _say("chat", str(exc))
-            return _EXIT_CODES[exc.reason]
+            say("chat", str(exc))
+            return EXIT_CODES[exc.reason]
         check_status = False
         if final is not None and final.get("type") == "error":
-            _say("chat", f"error {final.get('code')}: {final.get('message')}")
-    _say("chat", f"bye; continue later with: kioskd chat --conversation {conversation}")
+            say("chat", f"error {final.get('code')}: {final.get('message')}")
+    say("chat", f"bye; continue later with: kioskd chat --conversation {conversation}")
     return exitcodes.OK
 
 
@@ -149,5 +149,5 @@ def _turn(
     if not args.json:
         print(flush=True)
     if answer.final is None:
-        _say("chat", f"no answer within {args.timeout_s:g} s; the question was cancelled")
+        say("chat", f"no answer within {args.timeout_s:g} s; the question was cancelled")
     return answer.final

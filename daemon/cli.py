@@ -139,6 +139,15 @@ def _parser() -> argparse.ArgumentParser:
         help="instead: the touch page in headless Chromium: click to first text minus the "
         "daemon's first token, and kioskd web's RSS and idle CPU",
     )
+    bench.add_argument(
+        "--fleet",
+        action="store_true",
+        help="instead: questions per second of 1, 2, 3... kiosks sharing one fleet (token-delay "
+        "hook)",
+    )
+    bench.add_argument(
+        "--kiosks", default="1,2,3", help="with --fleet: fleet sizes, comma-separated"
+    )
     bench.set_defaults(handler=_bench)
     return parser
 
@@ -157,6 +166,9 @@ def _load_or_report(path: Path | None) -> Config | None:
     try:
         return load(path)
     except ConfigError as exc:
+        if isinstance(exc.__cause__, PermissionError):
+            print(askcli.config_unreadable(path), file=sys.stderr)
+            return None
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return None
@@ -205,6 +217,11 @@ def _bench(args: argparse.Namespace) -> int:
     lengths = [int(n) for n in args.tokens.split(",")]
     if args.mode == "conversation":
         return _bench_conversation(args)
+    if args.fleet:
+        from daemon.bench_fleet import main as bench_fleet  # noqa: PLC0415
+
+        kiosks = [int(n) for n in args.kiosks.split(",")]
+        return bench_fleet(kiosks=kiosks, reps=args.reps, out_dir=args.out)
     if args.web:
         from daemon.bench_web import main as bench_web  # noqa: PLC0415
 

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import socket
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,18 @@ class TlsConfig:
     @property
     def active(self) -> bool:
         return self.enabled or any((self.ca_file, self.cert_file, self.key_file))
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A verifying client TLS context from these files, or None for plain TCP."""
+        if not self.active:
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+            if self.cert_file:
+                context.load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError([f"mqtt.tls: cannot load the certificates: {exc}"]) from exc
+        return context
 
 
 @dataclass(frozen=True)
@@ -166,6 +179,11 @@ class ModelConfig:
     mmap: bool = _key(
         False,
         "map the GGUF instead of reading it: repacked weights are then held twice (+13 MiB)",
+    )
+    gpu_layers: int = _key(
+        0,
+        "model layers offloaded to the GPU of a CUDA build (a Jetson); 0 = CPU only, 999 = all",
+        _between(0, 999),
     )
     max_tokens: int = _key(
         256, "longest answer in tokens; requests may ask for fewer", _at_least(1)
@@ -320,6 +338,32 @@ def _listen(value: str) -> str | None:
     return None
 
 
+def _fleet_prefix(value: str | None) -> str | None:
+    return None if value is None else _topic_prefix(value)
+
+
+def _share_group(value: str) -> str | None:
+    if not value or any(c in value for c in "/+#\0"):
+        return "must be a non-empty name without '/', '+', '#' (it is one topic level)"
+    return None
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Kiosks that share one pool of questions (MQTT 5 shared subscription; README, "Fleet")."""
+
+    prefix: str | None = _key(
+        None,
+        "fleet prefix F: also answer questions from $share/{group}/F/ask; null = no fleet",
+        _fleet_prefix,
+    )
+    group: str = _key(
+        "kioskd",
+        "shared subscription group: the broker hands each question to one member",
+        _share_group,
+    )
+
+
 @dataclass(frozen=True)
 class WebConfig:
     """`kioskd web`, the touch page for a screen (docs/security.md, "The kiosk screen")."""
@@ -360,6 +404,7 @@ class Config:
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -498,6 +543,13 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
     """Rules that tie two keys together, as (key path, problem)."""
     thermal, mqtt = config.thermal, config.mqtt
     problems = []
+    if config.fleet.prefix is not None:
+        if config.fleet.prefix == config.topic_prefix:
+            problems.append(("fleet.prefix", "must differ from the kiosk's own mqtt.topic_prefix"))
+        if mqtt.protocol != "5":
+            problems.append(
+                ("fleet.prefix", "a fleet needs mqtt.protocol '5' (shared subscriptions)")
+            )
     if not thermal.soft_limit_c < thermal.hard_limit_c:
         problems.append(("thermal.soft_limit_c", "must be below thermal.hard_limit_c"))
     if not thermal.resume_below_c < thermal.soft_limit_c:

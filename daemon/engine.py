@@ -10,6 +10,7 @@ through an incremental UTF-8 decoder, so text goes out per token and never split
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import logging
 import os
@@ -29,9 +30,13 @@ from daemon.seqstate import SavedState
 log = logging.getLogger(__name__)
 llama_log = logging.getLogger("llama.cpp")
 
-# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation. Warnings are about the
-# model file and repeat at every start, so they are informational for an operator.
+# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation. Warnings while a model loads
+# are notes on the file ("control-looking token ... probably a bug in the model") or on the
+# context it gets; they repeat at every start and there is nothing an operator can do, so they
+# are DEBUG. A warning at any other time is unusual and stays visible at INFO.
 _GGML_LEVELS = {3: logging.INFO, 4: logging.ERROR}
+_GGML_LEVELS_LOADING = {3: logging.DEBUG, 4: logging.ERROR}
+_llama_levels = _GGML_LEVELS
 
 # Llama.generate's defaults, which kioskd's sampled answers have always used.
 _TOP_K = 40
@@ -45,9 +50,20 @@ def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> No
     try:
         message = text.decode("utf-8", "replace").rstrip()
         if message:
-            llama_log.log(_GGML_LEVELS.get(level, logging.DEBUG), "%s", message)
+            llama_log.log(_llama_levels.get(level, logging.DEBUG), "%s", message)
     except Exception:  # noqa: BLE001 - an exception must never cross back into C
         return
+
+
+@contextlib.contextmanager
+def _model_notes_at_debug() -> Iterator[None]:
+    """While a model loads, llama.cpp's warnings are notes on the file: DEBUG, not INFO."""
+    global _llama_levels  # noqa: PLW0603 - the C log callback has no object to hold it
+    _llama_levels = _GGML_LEVELS_LOADING
+    try:
+        yield
+    finally:
+        _llama_levels = _GGML_LEVELS
 
 
 def _assign(struct: ctypes.Structure, **values: int) -> None:
@@ -108,6 +124,7 @@ class EngineSettings:
     seed: int = ModelConfig.seed
     batch_tokens: int = ModelConfig.batch_tokens
     mmap: bool = ModelConfig.mmap
+    gpu_layers: int = ModelConfig.gpu_layers
 
 
 class Engine:
@@ -123,7 +140,8 @@ class Engine:
             raise ModelLoadError(f"model file not found: {settings.path}")
         lib.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
         lib.llama_backend_init()
-        self._model, self._ctx = self._load(settings)
+        with _model_notes_at_debug():
+            self._model, self._ctx = self._load(settings)
         self._closed = False
         self._memory = lib.llama_get_memory(self._ctx)
         self._vocab = lib.llama_model_get_vocab(self._model)
@@ -160,7 +178,8 @@ class Engine:
         model_params = lib.llama_model_default_params()
         _assign(
             model_params,
-            n_gpu_layers=0,
+            # A CPU-only build ignores it; a Jetson's CUDA build needs it to use the GPU at all.
+            n_gpu_layers=settings.gpu_layers,
             # Read, not mapped: llama.cpp repacks some weights into a faster layout, and with a
             # map their original pages stay resident beside the copy.
             load_mode=lib.LLAMA_LOAD_MODE_MMAP if settings.mmap else lib.LLAMA_LOAD_MODE_NONE,

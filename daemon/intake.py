@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from daemon.broker import JSON, Connection, Inbound
 from daemon.config import Config
-from daemon.ledger import Ledger, digest
+from daemon.ledger import PacketLedger, RecentAnswers, digest
 from daemon.loglimit import LogLimiter
 from daemon.messages import (
     ConversationInfo,
@@ -47,14 +47,23 @@ class Intake:
         topics: Topics,
         scheduler: Scheduler,
         connection: Connection,
-        ledger: Ledger,
+        *,
+        packets: PacketLedger,
+        answers: RecentAnswers,
+        device: str,
+        reply_prefixes: tuple[str, ...] | None = None,
     ) -> None:
+        """One intake per ask topic: the kiosk's own P/ask, and F/ask in a fleet (with its own
+        connection, packet ids and topics; the recent answers are shared)."""
         self._config = config
         self._topics = topics
         self._scheduler = scheduler
         self._connection = connection
         self._outlet = ConnectionOutlet(connection)
-        self._ledger = ledger
+        self._packets = packets
+        self._answers = answers
+        self._device = device
+        self._reply_prefixes = reply_prefixes or config.reply_prefixes
         self._log = LogLimiter(log)
         self._rate_limiter: RateLimiter | None = None
         self.set_rate(config.limits.max_requests_per_s)
@@ -96,15 +105,29 @@ class Intake:
             request_id,
         )
         if message.qos > 0:
-            self._ledger.hold(message.mid, message.payload)
+            self._packets.hold(message.mid, message.payload)
         self._scheduler.reject(
             self._stream(self._error_topic(error, message), request_id, message), error
         )
 
+    def dispatch(self, message: Inbound, others: Callable[[Inbound], None]) -> None:
+        """Network thread: every message of this intake's connection. A question is
+        acknowledged once answered; anything else goes to `others`, then is acknowledged."""
+        if message.topic == self._topics.ask:
+            if message.retain:
+                self.refuse_retained(message)
+            else:
+                self.handle(message)
+            return
+        try:
+            others(message)
+        finally:
+            self._connection.acknowledge(message)
+
     def handle(self, message: Inbound) -> None:
         """Called on the network thread for every message on P/ask."""
         if message.dup:
-            seen = self._ledger.redelivery(message.mid, message.payload)
+            seen = self._packets.redelivery(message.mid, message.payload)
             if seen is not None:
                 log.info(
                     "the broker sent question packet %d again; it is %s, not answered twice",
@@ -115,7 +138,7 @@ class Intake:
                     self._acknowledger(message)()  # our PUBACK was lost on the way
                 return
         if message.qos > 0:
-            self._ledger.hold(message.mid, message.payload)
+            self._packets.hold(message.mid, message.payload)
         acknowledge = self._acknowledger(message)
         try:
             request = parse_request(
@@ -166,11 +189,11 @@ class Intake:
         # PROTOCOL.md "Where id-less errors go": the sender knows only an id it chose.
         fallback = self._topics.answer(request.id) if request.id_chosen else self._topics.error
         if response_topic is not None and not is_allowed_reply_topic(
-            response_topic, self._config.reply_prefixes
+            response_topic, self._reply_prefixes
         ):
             error = RequestError(
                 ErrorCode.FORBIDDEN_REPLY_TOPIC,
-                reply_topic_problem(response_topic, self._config.reply_prefixes),
+                reply_topic_problem(response_topic, self._reply_prefixes),
                 error_id,
             )
             self._log.log(
@@ -240,7 +263,7 @@ class Intake:
         if error.code is ErrorCode.TOO_LARGE:
             return self._topics.error  # PROTOCOL.md: rejected unread, answered on P/error
         if response_topic is not None and is_allowed_reply_topic(
-            response_topic, self._config.reply_prefixes
+            response_topic, self._reply_prefixes
         ):
             return response_topic
         if error.request_id is not None:
@@ -260,7 +283,7 @@ class Intake:
         topic = (
             response_topic
             if response_topic is not None
-            and is_allowed_reply_topic(response_topic, self._config.reply_prefixes)
+            and is_allowed_reply_topic(response_topic, self._reply_prefixes)
             else self._topics.error
         )
         self._log.log(
@@ -272,20 +295,22 @@ class Intake:
             extra={"request_id": request.id, "code": str(ErrorCode.DUPLICATE_ID)},
         )
         self._scheduler.count_refusal()
-        self._publish_once(topic, duplicate_id_payload(request.id), message, acknowledge)
+        self._publish_once(
+            topic, duplicate_id_payload(request.id, self._device), message, acknowledge
+        )
 
     def _answered_already(
         self, request: Request, message: Inbound, topic: str, acknowledge: Callable[[], None]
     ) -> bool:
         """A retry of an id that ended within limits.dedup_s gets its terminal message again."""
-        finished = self._ledger.recent(request.id)
+        finished = self._answers.recent(request.id)
         if finished is None:
             return False
         if message.dup:
             acknowledge()  # the broker's copy of a question answered already
             return True
         if finished.question_digest != _question_digest(request):
-            self._ledger.forget(request.id)
+            self._answers.forget(request.id)
             return False  # the id is reused for a new question
         log.info(
             "request %s was asked again with the same question; sending its terminal message "
@@ -319,10 +344,10 @@ class Intake:
         return self._rate_limiter.allow(sender)
 
     def _acknowledger(self, message: Inbound) -> Callable[[], None]:
-        ledger, connection = self._ledger, self._connection
+        packets, connection = self._packets, self._connection
 
         def acknowledge() -> None:
-            ledger.release(message.mid)
+            packets.release(message.mid)
             connection.acknowledge(message)
 
         return acknowledge
@@ -340,12 +365,12 @@ class Intake:
         """The reply stream of `message`; with `request`, of an accepted one (remembered)."""
         on_end = None
         if request is not None and request.id_chosen:
-            ledger = self._ledger
+            answers = self._answers
 
             def on_end(terminal: StreamMessage, payload: bytes) -> None:
                 # Only answers are sent again to a retry: a refusal says to try again.
                 if isinstance(terminal, Done):
-                    ledger.finished(request.id, request.question, payload)
+                    answers.finished(request.id, request.question, payload)
 
         return ReplyStream(
             self._outlet,
@@ -359,6 +384,7 @@ class Intake:
             restart=message.dup,
             on_end=on_end,
             on_delivered=self._acknowledger(message),
+            device=self._device,
         )
 
 

@@ -39,24 +39,19 @@ class Finished:
     ended_monotonic: float
 
 
-class Ledger:
-    """Thread-safe: the network thread asks, the worker and the network thread record."""
+class PacketLedger:
+    """Packet ids of one connection (ids are per session): held and lately released PUBACKs.
 
-    def __init__(self, *, dedup_s: float, max_ids: int) -> None:
-        self._dedup_s = dedup_s
+    Thread-safe: the network thread asks and holds, the worker's end of a stream releases.
+    """
+
+    def __init__(self, *, max_ids: int) -> None:
         self._max_ids = max_ids
         self._lock = threading.Lock()
         # Packet id -> payload digest of questions whose PUBACK is held back.
         self._held: dict[int, bytes] = {}
         # Packet id -> (payload digest, when) of questions acknowledged lately.
         self._released: OrderedDict[int, tuple[bytes, float]] = OrderedDict()
-        self._finished: OrderedDict[str, Finished] = OrderedDict()
-
-    def set_dedup_s(self, dedup_s: float) -> None:
-        with self._lock:
-            self._dedup_s = dedup_s
-
-    # --- packet ids -----------------------------------------------------------------------
 
     def hold(self, mid: int, payload: bytes) -> None:
         with self._lock:
@@ -70,7 +65,7 @@ class Ledger:
                 return
             self._released[mid] = (payload_digest, time.monotonic())
             self._released.move_to_end(mid)
-            self._trim(self._released, lambda entry: entry[1], _RELEASED_MID_S)
+            _trim(self._released, lambda entry: entry[1], _RELEASED_MID_S, self._max_ids)
 
     def redelivery(self, mid: int, payload: bytes) -> Literal["held", "released"] | None:
         """Whether a DUP message is one we hold, or one acknowledged lately (its PUBACK was
@@ -90,7 +85,20 @@ class Ledger:
         with self._lock:
             return len(self._held)
 
-    # --- request ids ----------------------------------------------------------------------
+
+class RecentAnswers:
+    """Request ids that ended lately, with their done; one per kiosk (ids are one namespace
+    for P/ask and F/ask alike)."""
+
+    def __init__(self, *, dedup_s: float, max_ids: int) -> None:
+        self._dedup_s = dedup_s
+        self._max_ids = max_ids
+        self._lock = threading.Lock()
+        self._finished: OrderedDict[str, Finished] = OrderedDict()
+
+    def set_dedup_s(self, dedup_s: float) -> None:
+        with self._lock:
+            self._dedup_s = dedup_s
 
     def finished(self, request_id: str, question: str, terminal_payload: bytes) -> None:
         with self._lock:
@@ -98,27 +106,31 @@ class Ledger:
                 digest(question.encode("utf-8")), terminal_payload, time.monotonic()
             )
             self._finished.move_to_end(request_id)
-            self._trim(self._finished, lambda entry: entry.ended_monotonic, self._dedup_s)
+            self._expire()
 
     def recent(self, request_id: str) -> Finished | None:
         """The request of this id that ended within `dedup_s`, if any."""
         with self._lock:
-            self._trim(self._finished, lambda entry: entry.ended_monotonic, self._dedup_s)
+            self._expire()
             return self._finished.get(request_id)
 
     def forget(self, request_id: str) -> None:
         with self._lock:
             self._finished.pop(request_id, None)
 
-    def _trim(
-        self, entries: OrderedDict[_K, _V], when: Callable[[_V], float], max_age_s: float
-    ) -> None:
-        """Drop the oldest entries: beyond the count, and past their age (oldest first)."""
-        while len(entries) > self._max_ids:
-            entries.popitem(last=False)
-        now = time.monotonic()
-        while entries:
-            oldest = next(iter(entries.values()))
-            if now - when(oldest) <= max_age_s:
-                break
-            entries.popitem(last=False)
+    def _expire(self) -> None:
+        _trim(self._finished, lambda entry: entry.ended_monotonic, self._dedup_s, self._max_ids)
+
+
+def _trim(
+    entries: OrderedDict[_K, _V], when: Callable[[_V], float], max_age_s: float, max_ids: int
+) -> None:
+    """Drop the oldest entries: beyond the count, and past their age (oldest first)."""
+    while len(entries) > max_ids:
+        entries.popitem(last=False)
+    now = time.monotonic()
+    while entries:
+        oldest = next(iter(entries.values()))
+        if now - when(oldest) <= max_age_s:
+            break
+        entries.popitem(last=False)

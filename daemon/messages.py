@@ -177,7 +177,9 @@ def _request_from_fields(fields: dict[str, Any], max_question_chars: int) -> Req
     deadline_s = _optional_number(fields, "deadline_s", invalid)
     if deadline_s is not None and deadline_s <= 0:
         raise invalid("deadline_s", "must be a number of seconds > 0")
-    stream = fields.get("stream", True)
+    stream = fields.get("stream")
+    if stream is None:
+        stream = True  # null counts as absent, like every optional field
     if not isinstance(stream, bool):
         raise invalid("stream", "must be true or false")
     max_message_bytes = fields.get("max_message_bytes")
@@ -295,12 +297,16 @@ class StreamMessage:
     def fields(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def to_payload(self, request_id: str | None, seq: int, *, restart: bool = False) -> bytes:
+    def to_payload(
+        self, request_id: str | None, seq: int, *, restart: bool = False, device: str | None = None
+    ) -> bytes:
         body: dict[str, Any] = {"id": request_id, "seq": seq, "type": self.type}
         if restart:
             # PROTOCOL.md, "Crash safety": this id's stream starts again from seq 0.
             body["restart"] = True
         body.update(self.fields())
+        if self.terminal and device is not None:
+            body["device"] = device  # PROTOCOL.md, "Fleet": who answered
         return _dumps(body)
 
 
@@ -436,7 +442,7 @@ def _dumps(body: Mapping[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def duplicate_id_payload(request_id: str) -> bytes:
+def duplicate_id_payload(request_id: str, device: str) -> bytes:
     """The refusal of a request whose id is running or queued: no seq, so that it can never be
     read as a message of the running request's stream (PROTOCOL.md, "Duplicate ids")."""
     return _dumps(
@@ -446,6 +452,7 @@ def duplicate_id_payload(request_id: str) -> bytes:
             "code": str(ErrorCode.DUPLICATE_ID),
             "message": f"a request with id {request_id!r} is already running or queued on this "
             "kiosk; its answer goes on; use a new id for a new question",
+            "device": device,
         }
     )
 
@@ -469,6 +476,7 @@ class Health:
     counters: Mapping[str, Any]
     last: Mapping[str, Any]
     conversations: Mapping[str, Any]
+    fleet: Mapping[str, Any] | None = None
 
     def to_payload(self) -> bytes:
         body = {
@@ -484,5 +492,6 @@ class Health:
             "counters": dict(self.counters),
             "last": dict(self.last),
             "conversations": dict(self.conversations),
+            "fleet": None if self.fleet is None else dict(self.fleet),
         }
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

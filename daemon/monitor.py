@@ -29,6 +29,8 @@ class Snapshot:
     counters: dict[str, object]
     last: dict[str, object]
     conversations: dict[str, object]
+    # {"prefix", "group", "member"} in a fleet, so `kioskd status --fleet` finds its members.
+    fleet: dict[str, object] | None = None
 
 
 class Monitor:
@@ -117,6 +119,7 @@ class Monitor:
             counters=snapshot.counters,
             last=snapshot.last,
             conversations=snapshot.conversations,
+            fleet=snapshot.fleet,
         )
 
     def _loop(self) -> None:

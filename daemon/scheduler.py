@@ -155,6 +155,10 @@ class Scheduler:
         running = self._running
         return None if running is None else running.request.id
 
+    @property
+    def overheated(self) -> bool:
+        return self._overheated_retry_s is not None
+
     def set_overheated(self, retry_after_s: float | None) -> None:
         """Pause new generations (None resumes); queued requests wait, new ones are refused."""
         with self._cond:

@@ -84,6 +84,7 @@ class ReplyStream:
         on_end: Callable[[StreamMessage, bytes], None] | None = None,
         on_delivered: Callable[[], None] | None = None,
         max_message_bytes: int | None = None,
+        device: str | None = None,
     ) -> None:
         """`on_end` gets the terminal message and its payload as it is sent; `on_delivered`
         runs once the broker has it (or at once when it could not be sent at all)."""
@@ -97,6 +98,7 @@ class ReplyStream:
         self._on_delivered = on_delivered
         # The requester's own limit (max_message_bytes), on top of the broker's.
         self._max_message_bytes = max_message_bytes
+        self._device = device
         self._lock = threading.RLock()
         self._seq = 0
         self._ended = False
@@ -187,7 +189,10 @@ class ReplyStream:
 
     def _payload(self, message: StreamMessage) -> bytes:
         return message.to_payload(
-            self.request_id, self._seq, restart=self._restart and not self._seq
+            self.request_id,
+            self._seq,
+            restart=self._restart and not self._seq,
+            device=self._device,
         )
 
     def _limit(self) -> int | None:

@@ -39,6 +39,10 @@ class Topics:
     def answer_prefix(self) -> str:
         return f"{self.prefix}/answer/"
 
+    def shared_ask(self, group: str) -> str:
+        """The MQTT 5 shared subscription to this prefix's ask topic (PROTOCOL.md, "Fleet")."""
+        return f"$share/{group}/{self.ask}"
+
     def answer(self, request_id: str) -> str:
         """Default reply topic; callers pass only validated ids (no '/', '+', '#')."""
         return f"{self.answer_prefix}{request_id}"

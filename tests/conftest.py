@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,7 @@ def start_daemon(
         port: int | None = None,
         wait_online: bool = True,
         name: str = "kioskd",
+        launcher: Sequence[str] = (),
     ) -> Daemon:
         base = {"mqtt": {"host": "127.0.0.1", "port": port or broker.port, "topic_prefix": prefix}}
         config_path = tmp_path / f"{name}.yaml"
@@ -128,7 +129,8 @@ def start_daemon(
         }
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", "daemon", "run", "--config", str(config_path)],
+                # launcher: a command that execs the rest (tests/wx_filter.py).
+                [*launcher, sys.executable, "-m", "daemon", "run", "--config", str(config_path)],
                 cwd=REPO,
                 env=process_env,
                 stdout=log_file,

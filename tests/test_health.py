@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from daemon import exitcodes
 from daemon.discovery import discovery_messages
 from tests.conftest import Broker, DaemonFactory
 from tests.mqtt_client import TestClient, assert_well_formed
@@ -34,6 +35,7 @@ HEALTH_KEYS = {
     "counters",
     "last",
     "conversations",
+    "fleet",
 }
 SECTION_KEYS = {
     "cpu": {"percent", "per_core", "freq_mhz", "load"},
@@ -333,5 +335,5 @@ def test_kioskd_status_prints_a_table(start_daemon: DaemonFactory, broker: Broke
         timeout=30,
         check=False,
     )
-    assert missing.returncode == 1
-    assert "no health message" in missing.stderr
+    assert missing.returncode == exitcodes.NO_KIOSK
+    assert "nothing is retained on nobody/here/status" in missing.stderr

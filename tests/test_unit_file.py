@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from daemon import exitcodes
 
-SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
+REPO = Path(__file__).resolve().parent.parent
+SYSTEMD_DIR = REPO / "systemd"
 UNIT = SYSTEMD_DIR / "kioskd.service"
 DROPINS = {"raspberry-pi": SYSTEMD_DIR / "dropins" / "raspberry-pi.conf"}
 DROPINS["jetson"] = SYSTEMD_DIR / "dropins" / "jetson.conf"
@@ -94,8 +97,6 @@ def test_unit_has_the_settings_the_daemon_relies_on() -> None:
     assert prevented == {exitcodes.MODEL_UNAVAILABLE, exitcodes.CONFIG_ERROR}
     assert unit["User"] == ["kioskd"]
     assert unit["DynamicUser"] == ["no"]
-    [check] = unit["ExecStartPre"]
-    assert check == f"{KIOSKD} check-config --config /etc/kioskd/kioskd.yaml"
     assert unit["ExecStart"] == [f"{KIOSKD} run --config /etc/kioskd/kioskd.yaml"]
     assert unit["LoadCredential"] == ["mqtt-password:/etc/kioskd/mqtt-password"]
     # The fallback that keeps a missing password file from failing the unit.
@@ -105,6 +106,44 @@ def test_unit_has_the_settings_the_daemon_relies_on() -> None:
     # shutdown.grace_s defaults to 5 s; stopping also publishes "offline" and disconnects.
     assert int(unit["TimeoutStopSec"][0]) >= 5 + 5
     assert any("GOMP_SPINCOUNT=0" in value for value in unit["Environment"])
+
+
+def start_command(line: str, config: Path) -> list[str]:
+    """A unit's Exec line run with this checkout's kioskd and `config` as its config file."""
+    argv = shlex.split(line)
+    assert argv[0] == KIOSKD, line
+    return [
+        sys.executable,
+        "-m",
+        "daemon",
+        *(str(config) if arg == "/etc/kioskd/kioskd.yaml" else arg for arg in argv[1:]),
+    ]
+
+
+def test_a_bad_config_stops_the_unit_without_restarts(tmp_path: Path) -> None:
+    unit = directives(UNIT)
+    # systemd matches RestartPreventExitStatus= against the main process alone; an ExecStartPre=
+    # that fails is restarted whatever its status. Only a "-" prefix (failure ignored) is safe.
+    assert [line for line in unit.get("ExecStartPre", []) if not line.startswith("-")] == []
+    bad = tmp_path / "kioskd.yaml"
+    bad.write_text("mqtt:\n  host: localhost\n  prot: 1883\n")
+    [start] = unit["ExecStart"]
+
+    result = subprocess.run(
+        start_command(start, bad), capture_output=True, text=True, timeout=60, check=False, cwd=REPO
+    )
+
+    prevented = {int(code) for code in unit["RestartPreventExitStatus"][0].split()}
+    success = {int(code) for value in unit.get("SuccessExitStatus", []) for code in value.split()}
+    assert result.returncode in prevented - success - {0}, result.stderr
+    # The reason, with key and line, goes to the journal (stderr) for `systemctl status`.
+    assert f"{bad}:3: mqtt.prot: unknown key (did you mean mqtt.port?)" in result.stderr
+    # What the README tells operators about this exit.
+    readme = (REPO / "README.md").read_text()
+    claim = re.search(r"(\d+) invalid configuration", readme)
+    assert claim, "README.md no longer names the exit status of an invalid configuration"
+    assert int(claim.group(1)) == result.returncode
+    assert "RestartPreventExitStatus" in readme
 
 
 def test_sandbox_keeps_proc_and_sys_readable_and_resources_syscalls_allowed() -> None:

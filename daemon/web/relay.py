@@ -11,13 +11,12 @@ import asyncio
 import json
 import logging
 import secrets
-import ssl
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from daemon.broker import Connection, Inbound
-from daemon.config import Config, ConfigError, TlsConfig
+from daemon.config import Config
 from daemon.ratelimit import RateLimiter
 from daemon.topics import Topics
 
@@ -103,7 +102,7 @@ class Relay:
             reconnect_max_s=mqtt.reconnect_max_s,
             username=mqtt.username,
             password=config.mqtt_password(),
-            tls_context=tls_context(mqtt.tls),
+            tls_context=mqtt.tls.ssl_context(),
         )
 
     def start(self) -> None:
@@ -257,19 +256,3 @@ def _number(value: Any) -> float | None:
 
 def _whole(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def tls_context(tls: TlsConfig) -> ssl.SSLContext | None:
-    """A verifying client TLS context from mqtt.tls, as the daemon builds it (daemon/app.py).
-
-    A copy, because importing daemon.app would load llama.cpp into the web service.
-    """
-    if not tls.active:
-        return None
-    try:
-        context = ssl.create_default_context(cafile=tls.ca_file)
-        if tls.cert_file:
-            context.load_cert_chain(tls.cert_file, tls.key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError([f"mqtt.tls: cannot load the certificates: {exc}"]) from exc
-    return context
