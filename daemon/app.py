@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import logging
 import select
@@ -20,6 +21,7 @@ import yaml
 from daemon import __version__, exitcodes
 from daemon.broker import JSON, Connection, Delivery, Inbound, Will
 from daemon.config import Config, ConfigError, config_warnings, from_dict, load
+from daemon.conversations import ConversationStore, Saver
 from daemon.discovery import discovery_messages
 from daemon.engine import Engine, EngineSettings, ModelLoadError, TestHooks
 from daemon.fleet import FleetMember
@@ -27,15 +29,17 @@ from daemon.framing import Example
 from daemon.intake import Intake
 from daemon.ledger import PacketLedger, RecentAnswers
 from daemon.loglimit import LogLimiter
-from daemon.messages import Error, ErrorCode, parse_cancel
+from daemon.messages import Error, ErrorCode, parse_cancel, parse_forget
 from daemon.models import EmbeddedModelError, resolve
 from daemon.monitor import Monitor, Snapshot
 from daemon.reload import plan_reload, replace_live
 from daemon.scheduler import Scheduler
 from daemon.service import Notifier, Watchdog, WorkerProgress, setup_logging
+from daemon.statefile import Identity, StateFiles, default_dir
 from daemon.telemetry import TelemetryReader
 from daemon.thermal import ThermalDecision, ThermalGovernor
 from daemon.topics import Topics, homeassistant_status
+from daemon.turns import Turns
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +102,19 @@ class App:
         self._signal_inbox, self._signal_outbox = socket.socketpair()
         self._signal_outbox.setblocking(False)
         self._log = LogLimiter(log)
+        conversations = config.conversations
+        self.conversations = ConversationStore(
+            ttl_s=conversations.ttl_s,
+            max_active=conversations.max_active,
+            max_state_bytes=int(conversations.max_state_mb * 2**20),
+        )
+        self._saver = Saver(self.conversations, ttl_s=conversations.ttl_s)
         self.scheduler = Scheduler(
             capacity=config.queue.capacity,
             flush_ms=config.stream.flush_ms,
             max_chunk_chars=config.stream.max_chunk_chars,
-            # Health shows busy even when no interval tick falls inside a short answer.
-            on_busy_change=lambda: self.monitor.report_soon(),  # noqa: PLW0108 - built below
+            on_busy_change=self._on_busy_change,
+            next_turn=self.conversations.next_turn,
         )
         self.notifier = Notifier()
         self.watchdog = Watchdog(
@@ -122,7 +133,7 @@ class App:
             publish=self._publish_health,
         )
         self._ha_status = homeassistant_status(config.homeassistant.prefix)
-        subscriptions = [self.topics.ask, self.topics.cancel]
+        subscriptions = [self.topics.ask, self.topics.cancel, self.topics.forget]
         if config.homeassistant.enabled:
             subscriptions.append(self._ha_status)
         self.connection = self._connection(
@@ -148,7 +159,13 @@ class App:
             device=config.device_id,
         )
         self.fleet = (
-            FleetMember(config, self.scheduler, self.answers, self._connection)
+            FleetMember(
+                config,
+                self.scheduler,
+                self.answers,
+                self._connection,
+                forget=self.conversations.forget,
+            )
             if config.fleet.prefix is not None
             else None
         )
@@ -242,7 +259,8 @@ class App:
             return exitcodes.OK
         # The governor may already have stepped down while the model was loading.
         self._engine.set_threads(self.monitor_threads())
-        self.scheduler.start(self._engine)
+        self._load_conversations(self._engine)
+        self.scheduler.start(self._turns(self._engine))
         self._enter(State.READY)
         if self.fleet is not None and not self.scheduler.overheated:
             # PROTOCOL.md: online only once every subscription, the share too, is acknowledged.
@@ -294,7 +312,9 @@ class App:
         held = self.packets.held + (self.fleet.packets.held if self.fleet else 0)
         return (
             f"{self.state}; running {self.scheduler.running_id or '-'}, queue "
-            f"{self.scheduler.depth}/{self.scheduler.capacity}, unacknowledged questions "
+            f"{self.scheduler.depth}/{self.scheduler.capacity}, conversations "
+            f"{self.conversations.active} ({self.conversations.state_bytes / 2**20:.1f} MiB of "
+            f"state), unacknowledged questions "
             f"{held}; broker {'connected' if self.connection.connected else 'away'}"
             f"{'' if self.connection.problem is None else f' ({self.connection.problem})'}; "
             f"model {self._model_name or '-'}, threads {self.monitor_threads()}, CPU "
@@ -371,6 +391,40 @@ class App:
         )
         return engine
 
+    def _load_conversations(self, engine: Engine) -> None:
+        """Take in the conversations saved before a restart, and start saving them."""
+        settings = self.config.conversations
+        if settings.persist:
+            files = StateFiles(
+                default_dir(settings.dir),
+                Identity.of(
+                    model_path=engine.settings.path,
+                    ctx=engine.settings.ctx,
+                    template=engine.template_source,
+                    system_prompt=engine.settings.system_prompt,
+                    llama=llama_version(),
+                ),
+            )
+            loaded = self.conversations.load(files)
+            log.info("conversations: %d taken in from %s", loaded, files.directory)
+        self._saver.start()
+
+    def _turns(self, engine: Engine) -> Turns:
+        settings = self.config.conversations
+        model = self.config.model
+        return Turns(
+            engine,
+            self.conversations,
+            budget_tokens=settings.max_context_tokens or model.ctx - model.max_tokens,
+            keep_state=settings.max_state_mb > 0,
+        )
+
+    def _on_busy_change(self) -> None:
+        # Health shows busy even when no interval tick falls inside a short answer.
+        self.monitor.report_soon()
+        if not self.scheduler.busy and self.scheduler.depth == 0:
+            self._saver.idle()
+
     def _shutdown(self) -> None:
         self.notifier.stopping()
         self.watchdog.stop()
@@ -378,6 +432,8 @@ class App:
             self.fleet.leave("stopping")  # later fleet questions go to the others
         self._enter(State.DRAINING)
         worker_stopped = self.scheduler.drain(self.config.shutdown.grace_s)
+        if worker_stopped:
+            self._saver.stop()  # after the last turn ended: it is saved too
         self.monitor.stop()
         offline = self.connection.publish(self.topics.status, b"offline", retain=True)
         if self.connection.connected:
@@ -459,6 +515,10 @@ class App:
                 "tokens_per_s": _round(counters.last_tokens_per_s),
                 "first_token_ms": _round(counters.last_first_token_ms),
             },
+            conversations={
+                "active": self.conversations.active,
+                "state_mb": round(self.conversations.state_bytes / 2**20, 1),
+            },
             fleet=None
             if self.fleet is None
             else {
@@ -519,6 +579,8 @@ class App:
                 self._publish_discovery()
         elif message.topic == self.topics.cancel:
             self._on_cancel(message)
+        elif message.topic == self.topics.forget:
+            self._on_forget(message)
 
     def _on_cancel(self, message: Inbound) -> None:
         if message.retain:
@@ -539,6 +601,37 @@ class App:
                 request_id,
                 extra={"request_id": request_id},
             )
+
+    def _on_forget(self, message: Inbound) -> None:
+        if message.retain:
+            # A retained forget would drop the conversation again at every (re)subscribe.
+            log.warning(
+                "ignored a retained message on %s; clear it with an empty retained publish",
+                message.topic,
+            )
+            return
+        conversation_id = parse_forget(message.payload)
+        if conversation_id is None:
+            self._log.log(
+                logging.WARNING, "bad_forget", "ignored a forget without a valid conversation_id"
+            )
+        elif self.conversations.forget(conversation_id):
+            log.info("conversation %s forgotten", conversation_id)
+        else:
+            self._log.log(
+                logging.INFO,
+                "unknown_forget",
+                "forget for unknown conversation %s ignored",
+                conversation_id,
+            )
+
+
+def llama_version() -> str:
+    """The llama.cpp bindings' version (a saved model state is only read by the same one)."""
+    try:
+        return importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _round(value: float | None) -> float | None:

@@ -27,7 +27,7 @@ from daemon.asker import (
     read_retained,
 )
 from daemon.config import Config, ConfigError, load, sanitize_device_id
-from daemon.messages import new_request_id
+from daemon.messages import ID_PATTERN, ID_RULE, new_request_id
 from daemon.topics import Topics
 
 EXIT_CODES_HELP = f"""exit codes:
@@ -138,6 +138,13 @@ def add_commands(commands: Any) -> None:
         "--no-stream", action="store_true", help='ask with "stream": false (one message at the end)'
     )
     ask.add_argument(
+        "--conversation",
+        metavar="ID",
+        type=conversation_id_arg,
+        help="ask it as the next turn of conversation ID (1-64 of A-Z a-z 0-9 . _ -); "
+        "the kiosk keeps the earlier turns (see `kioskd chat`)",
+    )
+    ask.add_argument(
         "--max-message-bytes",
         type=int,
         metavar="N",
@@ -163,6 +170,13 @@ def add_commands(commands: Any) -> None:
     )
     status.add_argument("--json", action="store_true", help="print the raw health JSON")
     status.set_defaults(handler=run_status)
+
+
+def conversation_id_arg(value: str) -> str:
+    """argparse type of a conversation id: refused here rather than by the kiosk."""
+    if not ID_PATTERN.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"a conversation id is {ID_RULE}")
+    return value
 
 
 def _add_target_options(parser: argparse.ArgumentParser) -> None:
@@ -219,6 +233,7 @@ def run_ask(args: argparse.Namespace) -> int:
             check_status=args.fleet is None,
             login=target.login,
             into=answer,
+            conversation_id=args.conversation,
         )
         return _ask_result(args, target, answer)
     except UnavailableError as exc:
@@ -324,6 +339,14 @@ def run_status(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+def _conversations(section: Any) -> str:
+    if not isinstance(section, dict):
+        return "-"  # a kiosk from before conversations
+    return (
+        f"{section.get('active')} conversations kept, {section.get('state_mb')} MiB of model state"
+    )
+
+
 def describe_age(age_s: float) -> str:
     """'3 s ago', '5 min ago', '2.5 h ago', '3.0 days ago' (or how far ahead a clock is)."""
     if age_s < -2:
@@ -390,6 +413,7 @@ def render_health(prefix: str, status: str, health: dict[str, Any], now: float) 
             f"{show(model['name'])}, {show(model['threads'])} threads, ctx {show(model['ctx'])}",
         ),
         ("Queue", f"{queue['depth']} waiting of {queue['capacity']}"),
+        ("Chats", _conversations(health.get("conversations"))),
         ("Counters", ", ".join(f"{k} {v}" for k, v in counters.items())),
         (
             "Last",

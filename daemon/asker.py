@@ -186,11 +186,13 @@ def ask(
     check_status: bool = False,
     login: Login | None = None,
     into: Answer | None = None,
+    conversation_id: str | None = None,
 ) -> Answer:
     """Publish `question` to P/ask and collect its stream until the terminal message.
 
     Raises UnavailableError when the broker cannot be reached or refuses us, and, with
-    `check_status`, when the kiosk's retained P/status is missing or not `online`. A question
+    `check_status`, when the kiosk's retained P/status is missing or not `online`. With
+    `conversation_id`, the question is the next turn of that conversation. A question
     left unanswered (timeout, or an exception such as KeyboardInterrupt or BrokenPipeError from
     `on_message`) is cancelled on P/cancel before this returns or raises. Pass `into` to keep
     what arrived (and whether the cancel was acknowledged) when this raises.
@@ -224,6 +226,8 @@ def ask(
             request["stop"] = stop
         if answer_format is not None:
             request["format"] = answer_format
+        if conversation_id is not None:
+            request["conversation_id"] = conversation_id
         answer.sent_monotonic = time.monotonic()
         # The SUBSCRIBE went out first on this connection, so the broker routes the reply to us.
         session.connection.publish(topics.ask, json.dumps(request).encode("utf-8"))

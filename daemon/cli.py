@@ -1,4 +1,4 @@
-"""Command line: run, check-config, ask, status, web, fetch-model, bench."""
+"""Command line: run, check-config, ask, status, chat, web, fetch-model, bench."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from daemon import __version__, askcli, exitcodes
+from daemon import __version__, askcli, chatcli, exitcodes
 from daemon.config import Config, ConfigError, config_warnings, load
 
 log = logging.getLogger("daemon")
@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_check_config)
 
     askcli.add_commands(commands)
+    chatcli.add_command(commands)
 
     web = commands.add_parser("web", help="serve the kiosk's touch page (docs: README)")
     web.add_argument("--config", type=Path, help="YAML config file (mqtt and web sections)")
@@ -53,7 +54,23 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="measure kioskd over MQTT against the raw llama-cpp-python loop"
     )
-    bench.add_argument("mode", nargs="*", help="grammar [GGUF ...] or answers (docs/benchmarks.md)")
+    bench.add_argument(
+        "mode",
+        nargs="*",
+        help="grammar [GGUF ...], answers, or conversation (docs/benchmarks.md)",
+    )
+    bench.add_argument(
+        "--conversations",
+        type=int,
+        default=200,
+        help="with conversation: conversations of 3 turns through one daemon (0: skip)",
+    )
+    bench.add_argument(
+        "--max-state-mb",
+        type=float,
+        default=16.0,
+        help="with conversation: the daemon's conversations.max_state_mb",
+    )
     bench.add_argument("--reps", type=int, default=5, help="repetitions per length")
     bench.add_argument("--tokens", default="64,512", help="answer lengths, comma-separated")
     bench.add_argument("--threads", type=int, help="model threads (default: as kioskd)")
@@ -196,6 +213,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     _setup_logging("WARNING")
     lengths = [int(n) for n in args.tokens.split(",")]
+    if args.mode and args.mode[0] == "conversation":
+        return _bench_conversation(args)
     if args.mode:
         from daemon.bench_grammar import main as bench_grammar  # noqa: PLC0415
 
@@ -330,6 +349,24 @@ def _bench_load(args: argparse.Namespace, tokens: int) -> int:
         )
         print(bench_load.render_chunking(chunking))
         print(f"full results: {args.out / 'bench-chunking.json'}")
+    return exitcodes.OK
+
+
+def _bench_conversation(args: argparse.Namespace) -> int:
+    from daemon import bench_conversation  # noqa: PLC0415 - loads llama.cpp
+    from daemon.config import default_threads  # noqa: PLC0415
+    from daemon.models import resolve  # noqa: PLC0415
+
+    result = bench_conversation.main(
+        reps=args.reps,
+        threads=args.threads or default_threads(),
+        model=resolve(args.model).path,
+        out_dir=args.out,
+        conversations=args.conversations,
+        max_state_mb=args.max_state_mb,
+    )
+    print(bench_conversation.render(result))
+    print(f"full results: {args.out / 'bench-conversation.json'}")
     return exitcodes.OK
 
 

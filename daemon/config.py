@@ -286,6 +286,36 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class ConversationsConfig:
+    """Follow-up questions: what is kept of a conversation, for how long, and where."""
+
+    max_context_tokens: int | None = _key(
+        None,
+        "budget of a turn's whole prompt in model tokens; older turns are dropped to fit; "
+        "null = model.ctx - model.max_tokens",
+        _at_least(16),
+    )
+    ttl_s: float = _key(
+        300.0, "a conversation is forgotten this long after its last answer", _positive
+    )
+    max_active: int = _key(
+        32, "conversations kept; beyond this the least recently used is dropped", _between(1, 10000)
+    )
+    max_state_mb: float = _key(
+        64.0,
+        "memory (and disk) for saved model state of conversations; least recently used first "
+        "out (their text stays); 0 = keep none",
+        _at_least(0),
+    )
+    persist: bool = _key(True, "keep conversations across a restart of kioskd (saved to disk)")
+    dir: str | None = _key(
+        None,
+        "where conversations are saved; null = $STATE_DIRECTORY/conversations or "
+        "~/.local/share/kioskd/conversations",
+    )
+
+
+@dataclass(frozen=True)
 class ShutdownConfig:
     """What happens on SIGTERM."""
 
@@ -421,6 +451,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    conversations: ConversationsConfig = field(default_factory=ConversationsConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
@@ -580,6 +611,9 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
         problems.append(("thermal.resume_below_c", "must be below thermal.soft_limit_c"))
     if mqtt.reconnect_min_s > mqtt.reconnect_max_s:
         problems.append(("mqtt.reconnect_min_s", "must not exceed mqtt.reconnect_max_s"))
+    budget = config.conversations.max_context_tokens
+    if budget is not None and budget >= config.model.ctx:
+        problems.append(("conversations.max_context_tokens", "must be below model.ctx"))
     problem = remote_listen_problem(config.web.listen, allow_remote=config.web.allow_remote)
     if problem:
         problems.append(("web.listen", problem))

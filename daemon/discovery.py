@@ -99,6 +99,13 @@ _ENTITIES: tuple[_Entity, ...] = (
     ),
     _Entity(
         "sensor",
+        "conversations",
+        "Conversations",
+        "{{ value_json.conversations.active }}",
+        (("state_class", "measurement"), ("icon", "mdi:forum")),
+    ),
+    _Entity(
+        "sensor",
         "state",
         "State",
         "{{ value_json.state }}",

@@ -19,6 +19,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon import seqstate
 from daemon.config import DEFAULT_EXAMPLES, ModelConfig
 from daemon.framing import CompletionFrame, Example
 from daemon.grammar import AnswerFormat, json_complete
@@ -27,6 +28,7 @@ from daemon.messages import ErrorCode, RequestError
 from daemon.prompt import PromptBuilder, fallback_format
 from daemon.sampling import GrammarError, GrammarMode, Sampler
 from daemon.scheduler import Generation
+from daemon.seqstate import SavedState
 from daemon.stops import AnswerText
 
 log = logging.getLogger(__name__)
@@ -150,6 +152,9 @@ class Engine:
         self._memory = lib.llama_get_memory(self._ctx)
         self._vocab: lib.llama_vocab_p = lib.llama_model_get_vocab(self._model)
         self._cached: list[int] = []  # the tokens whose keys and values the KV cache holds
+        # Gemma 3's sliding-window layers attend to the last n_swa positions only; a saved
+        # state keeps just those, so a restored cache must not be cut back (see _safe_keep).
+        self._n_swa = lib.llama_model_n_swa(self._model)
         self._step = (lib.llama_token * settings.batch_tokens)()
         bos_id, eos_id = lib.llama_vocab_bos(self._vocab), lib.llama_vocab_eos(self._vocab)
         template = lib.llama_model_chat_template(self._model, None)
@@ -320,13 +325,39 @@ class Engine:
         parts = self._prompts.build(question)
         return parts.before + parts.question + parts.after
 
-    def prompt_tokens(self, question: str) -> list[int]:
-        parts = self._prompts.build(question)
-        return (
-            self.tokenize(parts.before, special=True, add_bos=parts.add_bos)
-            + self.tokenize(parts.question, special=False)
-            + self.tokenize(parts.after, special=True)
-        )
+    def prompt_tokens(self, question: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """The prompt of `question` after the earlier (question, answer) turns of `history`."""
+        rendered = self._prompts.build_turns(question, history)
+        return self._tokens_of(rendered.segments, add_bos=rendered.add_bos)
+
+    def history_tokens(self, history: Sequence[tuple[str, str]]) -> list[int]:
+        """The tokens every next prompt of a conversation starts with: up to its question."""
+        rendered = self._prompts.build_turns("", history)
+        return self._tokens_of(rendered.segments[:-2], add_bos=rendered.add_bos)
+
+    def _tokens_of(self, segments: Sequence[tuple[str, bool]], *, add_bos: bool) -> list[int]:
+        tokens: list[int] = []
+        for text, template in segments:
+            tokens += self.tokenize(text, special=template, add_bos=add_bos and not tokens)
+        return tokens
+
+    @property
+    def template_source(self) -> str:
+        """The chat template in use, for telling whether a saved model state still fits."""
+        return self._prompts.template_text
+
+    def save_sequence(self, prefix: list[int]) -> SavedState | None:
+        """A copy of the model state of `prefix` (a conversation's next prompt up to its
+        question), or of as much of it as the KV cache holds; None: it holds none of it."""
+        keep = self._safe_keep(seqstate.common_prefix(self._cached, prefix))
+        if keep < len(self._cached):
+            # Answer tokens the next prompt reads differently (or never evaluated) go first,
+            # so that the state is the start of the next prompt and is only ever continued.
+            if keep == 0 or not lib.llama_memory_seq_rm(self._memory, -1, keep, -1):
+                self.forget_prompt_cache()
+                return None
+            del self._cached[keep:]
+        return seqstate.capture(self._ctx, self._cached)
 
     def generate(
         self,
@@ -338,11 +369,20 @@ class Engine:
         should_stop: Callable[[], bool],
         stop: Sequence[str] = (),
         answer_format: AnswerFormat | None = None,
+        history: Sequence[tuple[str, str]] = (),
+        resume: SavedState | None = None,
+        prompt: list[int] | None = None,
     ) -> Generation:
         """Answer `question`, calling on_text with each new piece of text as it can be shown
-        (stop strings and leading white space are not)."""
+        (stop strings and leading white space are not).
+
+        `history`: earlier turns of its conversation; `resume`: their saved model state, loaded
+        when it holds more of the prompt than the KV cache does now; `prompt`: the tokens of
+        question and history when the caller has them already.
+        """
         settings = self.settings
-        prompt = self.prompt_tokens(question)
+        if prompt is None:
+            prompt = self.prompt_tokens(question, history)
         limit = self._answer_limit(len(prompt), max_tokens)
         temp = settings.temperature if temperature is None else temperature
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -356,6 +396,7 @@ class Engine:
         stopped = False
         hit_length = False
         self._apply_threads()
+        cached_tokens = self._reuse(prompt, resume)
         sampler = self._sampler(temp, answer_format)
         tokens = self._decode(prompt, sampler)
         try:
@@ -399,6 +440,7 @@ class Engine:
             end_monotonic=time.monotonic(),
             json=parsed,
             json_error=json_error,
+            cached_tokens=cached_tokens,
         )
 
     def _answer_limit(self, prompt_tokens: int, max_tokens: int | None) -> int:
@@ -426,17 +468,43 @@ class Engine:
             raise RequestError(ErrorCode.INVALID_REQUEST, f"format: {exc}") from exc
 
     def _decode(self, prompt: list[int], sampler: Sampler) -> Generator[int, None, None]:
-        """Evaluate the prompt (reusing the cached prefix), then yield one token at a time."""
-        keep = self._cached_prefix(prompt)
-        if keep > 0 and lib.llama_memory_seq_rm(self._memory, -1, keep, -1):
-            del self._cached[keep:]
-        else:
-            self.forget_prompt_cache()
+        """Evaluate the prompt after the part `_reuse` kept, then yield one token at a time."""
         self._evaluate(prompt[len(self._cached) :])
         while True:
             token = sampler.sample(self._ctx)
             yield token
             self._evaluate([token])
+
+    def _reuse(self, prompt: list[int], resume: SavedState | None) -> int:
+        """Keep the longest prefix of `prompt` whose state is at hand, from the KV cache or from
+        `resume`; returns how many prompt tokens need no computing."""
+        held = 0
+        if resume is not None:
+            held = resume.common_prefix(prompt)
+            if held < len(resume.tokens) and self._n_swa:
+                held = 0  # it would have to be cut back, which a restored state cannot be
+            held = min(held, len(prompt) - 1)
+        if resume is not None and held > self._cached_prefix(prompt):
+            if seqstate.restore(self._ctx, resume):
+                self._cached = list(resume.tokens)
+            else:
+                log.warning("llama.cpp refused a saved conversation state; reading it again")
+                self.forget_prompt_cache()
+        keep = self._safe_keep(self._cached_prefix(prompt))
+        if keep > 0 and lib.llama_memory_seq_rm(self._memory, -1, keep, -1):
+            del self._cached[keep:]
+            return keep
+        self.forget_prompt_cache()
+        return 0
+
+    def _safe_keep(self, keep: int) -> int:
+        """`keep`, or 0 when cutting the cache back to it would leave sliding-window layers
+        without keys that the next positions attend to: after a restore they hold only the
+        last n_swa positions (measured: restored and cut back, logits off by up to 14)."""
+        if keep >= len(self._cached) or not self._n_swa:
+            return keep
+        oldest = lib.llama_memory_seq_pos_min(self._memory, 0)
+        return keep if 0 <= oldest <= max(0, keep - self._n_swa) else 0
 
     def _evaluate(self, tokens: list[int]) -> None:
         """Run tokens through the model, a step of at most batch_tokens at a time."""
@@ -455,12 +523,7 @@ class Engine:
     def _cached_prefix(self, prompt: list[int]) -> int:
         """How many leading prompt tokens the KV cache already holds, leaving at least one to
         evaluate (its logits pick the first token)."""
-        same = 0
-        for old, new in zip(self._cached, prompt, strict=False):
-            if old != new:
-                break
-            same += 1
-        return min(same, len(prompt) - 1)
+        return min(seqstate.common_prefix(self._cached, prompt), len(prompt) - 1)
 
     def _tokens(self, tokens: Iterator[int]) -> Iterator[int]:
         hooks = self.hooks

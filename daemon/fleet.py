@@ -25,7 +25,7 @@ from daemon.config import Config
 from daemon.intake import Intake
 from daemon.ledger import PacketLedger, RecentAnswers
 from daemon.loglimit import LogLimiter
-from daemon.messages import parse_cancel
+from daemon.messages import parse_cancel, parse_forget
 from daemon.scheduler import Scheduler
 from daemon.topics import Topics
 
@@ -44,7 +44,9 @@ class FleetMember:
         scheduler: Scheduler,
         answers: RecentAnswers,
         make_connection: Callable[..., Connection],
+        forget: Callable[[str], bool] = lambda _conversation_id: False,
     ) -> None:
+        """`forget` drops a conversation (for F/forget); True when it was known."""
         prefix = config.fleet.prefix
         if prefix is None:
             raise ValueError("FleetMember needs fleet.prefix")
@@ -52,6 +54,7 @@ class FleetMember:
         self.group = config.fleet.group
         self._share = self.topics.shared_ask(self.group)
         self._scheduler = scheduler
+        self._forget = forget
         self._log = LogLimiter(log)
         self._lock = threading.Lock()
         self._wanted = False  # whether we should be in the share (set by join/leave)
@@ -61,7 +64,7 @@ class FleetMember:
             client_id=f"{config.client_id}-fleet",
             # Clean start, no session expiry: the session (and the share's turn) ends with us.
             session_expiry_s=None,
-            subscriptions=[self.topics.cancel],
+            subscriptions=[self.topics.cancel, self.topics.forget],
             on_message=self._on_message,
             on_connected=self._on_connected,
         )
@@ -111,7 +114,16 @@ class FleetMember:
             self.member = self._wanted
 
     def _on_message(self, message: Inbound) -> None:
-        self.intake.dispatch(message, self._on_cancel)
+        self.intake.dispatch(message, self._on_control)
+
+    def _on_control(self, message: Inbound) -> None:
+        if message.topic == self.topics.forget and not message.retain:
+            conversation_id = parse_forget(message.payload)
+            # Every member hears it; only the one that answered the conversation knows it.
+            if conversation_id is not None and self._forget(conversation_id):
+                log.info("fleet forget for conversation %s", conversation_id)
+            return
+        self._on_cancel(message)
 
     def _on_cancel(self, message: Inbound) -> None:
         if message.topic != self.topics.cancel or message.retain:

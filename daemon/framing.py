@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from daemon.prompt import PromptParts, strip_markers
+from daemon.prompt import PromptParts, PromptSegments, strip_markers
 
 QUESTION = "Question:"
 ANSWER = "Answer:"
@@ -63,6 +63,25 @@ class CompletionFrame:
         return PromptParts(
             before, " " + _one_line(strip_markers(question)), f"\n{ANSWER}", self._add_bos
         )
+
+    @property
+    def template_text(self) -> str:
+        """What a saved conversation state depends on besides the model: the whole frame."""
+        return f"completion frame:{self._before}"
+
+    def build_turns(self, question: str, history: Sequence[tuple[str, str]]) -> PromptSegments:
+        """`build` as frame text and client text taking turns (PromptBuilder.build_turns),
+        so that one turn's prompt is the start of the next one's and its state is reused."""
+        segments: list[tuple[str, bool]] = [(self._before, True)]
+        for asked, answered in history:
+            segments += [
+                (" " + _one_line(strip_markers(asked)), False),
+                (f"\n{ANSWER}", True),
+                (" " + _no_blank_line(answered), False),
+                (f"\n\n{QUESTION}", True),
+            ]
+        segments += [(" " + _one_line(strip_markers(question)), False), (f"\n{ANSWER}", True)]
+        return PromptSegments(tuple(segments), self._add_bos)
 
 
 def _one_line(text: str) -> str:

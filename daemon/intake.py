@@ -15,6 +15,7 @@ from daemon.config import Config
 from daemon.ledger import PacketLedger, RecentAnswers, digest
 from daemon.loglimit import LogLimiter
 from daemon.messages import (
+    ConversationInfo,
     Done,
     ErrorCode,
     Request,
@@ -246,7 +247,7 @@ class Intake:
         ):
             limit, whose = broker_limit, "the broker's maximum packet size"
         elif request.max_message_bytes is not None and (
-            self._outlet.packet_bytes(topic, _smallest_done_bytes(request.id), correlation_data)
+            self._outlet.packet_bytes(topic, _smallest_done_bytes(request), correlation_data)
             > request.max_message_bytes
         ):
             limit, whose = request.max_message_bytes, "max_message_bytes"
@@ -389,11 +390,17 @@ class Intake:
         )
 
 
-def _smallest_done_bytes(request_id: str) -> int:
+def _smallest_done_bytes(request: Request) -> int:
     """The payload of a done with everything left out that may be (PROTOCOL.md, "Tiny devices"),
-    with room for a restart flag, a long seq and one more character."""
-    smallest = Done("", "cancelled", Usage(0, 0), Timing(0.0, None, 0.0, None)).smaller()[-1]
-    return len(smallest.to_payload(request_id, 99999, restart=True)) + 4
+    with room for a restart flag, a long seq and one more character. A turn's conversation
+    block stays in, with room for long counts."""
+    conversation = None
+    if request.conversation_id is not None:
+        conversation = ConversationInfo(request.conversation_id, 99999, 999999, 99999, new=False)
+    smallest = Done(
+        "", "cancelled", Usage(0, 0), Timing(0.0, None, 0.0, None), conversation=conversation
+    ).smaller()[-1]
+    return len(smallest.to_payload(request.id, 99999, restart=True)) + 4
 
 
 def _question_digest(request: Request) -> bytes:

@@ -65,6 +65,8 @@ class Request:
     stop: tuple[str, ...] = ()
     # The request's `format`: the answer is JSON under this grammar and schema.
     answer_format: AnswerFormat | None = None
+    # The conversation this question continues or starts (PROTOCOL.md, "Conversations").
+    conversation_id: str | None = None
 
 
 class RequestError(Exception):
@@ -223,6 +225,11 @@ def _request_from_fields(
             requested_format = answer_format(fields["format"], max_schema_bytes=max_schema_bytes)
         except FormatError as exc:
             raise invalid("format", str(exc)) from exc
+    conversation_id = fields.get("conversation_id")
+    if conversation_id is not None and not (
+        isinstance(conversation_id, str) and ID_PATTERN.fullmatch(conversation_id)
+    ):
+        raise invalid("conversation_id", f"must be a string of {ID_RULE}")
     return Request(
         request_id,
         question,
@@ -234,6 +241,7 @@ def _request_from_fields(
         max_message_bytes=max_message_bytes,
         stop=tuple(stop or ()),
         answer_format=requested_format,
+        conversation_id=conversation_id,
     )
 
 
@@ -279,12 +287,22 @@ def _question(text: str, max_chars: int, request_id: str | None) -> str:
     return question
 
 
-# {"id": "<64 characters>"} with generous room for white space.
+# {"conversation_id": "<64 characters>"} with generous room for white space.
 _MAX_CANCEL_BYTES = 1024
 
 
 def parse_cancel(payload: bytes) -> str | None:
     """The request id in a `P/cancel` payload (`{"id": ...}` or the bare id), or None."""
+    return _id_payload(payload, "id")
+
+
+def parse_forget(payload: bytes) -> str | None:
+    """The conversation id in a `P/forget` payload (`{"conversation_id": ...}` or the bare id),
+    or None."""
+    return _id_payload(payload, "conversation_id")
+
+
+def _id_payload(payload: bytes, key: str) -> str | None:
     if len(payload) > _MAX_CANCEL_BYTES:
         return None
     try:
@@ -296,10 +314,10 @@ def parse_cancel(payload: bytes) -> str | None:
             fields = json.loads(text)
         except (ValueError, RecursionError):
             return None
-        request_id = fields.get("id") if isinstance(fields, dict) else None
+        found = fields.get(key) if isinstance(fields, dict) else None
     else:
-        request_id = text
-    return request_id if isinstance(request_id, str) and ID_PATTERN.fullmatch(request_id) else None
+        found = text
+    return found if isinstance(found, str) and ID_PATTERN.fullmatch(found) else None
 
 
 # --- outgoing stream messages -----------------------------------------------------------
@@ -349,6 +367,28 @@ class Chunk(StreamMessage):
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    # Prompt tokens whose model state was reused, not computed (PROTOCOL.md, "Prompt reuse").
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ConversationInfo:
+    """`done.conversation`: where a turn stands in its conversation (PROTOCOL.md)."""
+
+    id: str
+    turn: int  # 1 = first; a turn that is not remembered leaves the number to the next one
+    context_tokens: int  # tokens of the earlier turns the model saw, after dropping
+    dropped_turns: int  # turns cut so far for the token budget
+    new: bool  # this turn started the conversation
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "turn": self.turn,
+            "context_tokens": self.context_tokens,
+            "dropped_turns": self.dropped_turns,
+            "new": self.new,
+        }
 
 
 @dataclass(frozen=True)
@@ -372,6 +412,7 @@ class Done(StreamMessage):
     # With `format`: the parsed answer, or why a complete answer is not what was asked for.
     json: JsonValue | None = None
     json_error: str | None = None
+    conversation: ConversationInfo | None = None
 
     def fields(self) -> dict[str, Any]:
         timing = self.timing
@@ -392,6 +433,7 @@ class Done(StreamMessage):
             body["usage"] = {
                 "prompt_tokens": self.usage.prompt_tokens,
                 "completion_tokens": self.usage.completion_tokens,
+                "cached_tokens": self.usage.cached_tokens,
             }
         if "timing" not in self.omitted:
             body["timing"] = {
@@ -400,6 +442,9 @@ class Done(StreamMessage):
                 "total_ms": round(timing.total_ms, 1),
                 "tokens_per_s": _round(timing.tokens_per_s),
             }
+        if self.conversation is not None:
+            # Never left out: a tiny device needs it to know whether its turn was remembered.
+            body["conversation"] = self.conversation.to_dict()
         return body
 
     def smaller(self) -> list[Done]:
@@ -477,6 +522,7 @@ class Health:
     queue: Mapping[str, Any]
     counters: Mapping[str, Any]
     last: Mapping[str, Any]
+    conversations: Mapping[str, Any]
     fleet: Mapping[str, Any] | None = None
 
     def to_payload(self) -> bytes:
@@ -492,6 +538,7 @@ class Health:
             "queue": dict(self.queue),
             "counters": dict(self.counters),
             "last": dict(self.last),
+            "conversations": dict(self.conversations),
             "fleet": None if self.fleet is None else dict(self.fleet),
         }
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -28,6 +28,7 @@ class Snapshot:
     queue: dict[str, object]
     counters: dict[str, object]
     last: dict[str, object]
+    conversations: dict[str, object]
     # {"prefix", "group", "member"} in a fleet, so `kioskd status --fleet` finds its members.
     fleet: dict[str, object] | None = None
 
@@ -117,6 +118,7 @@ class Monitor:
             queue=snapshot.queue,
             counters=snapshot.counters,
             last=snapshot.last,
+            conversations=snapshot.conversations,
             fleet=snapshot.fleet,
         )
 

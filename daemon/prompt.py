@@ -15,7 +15,7 @@ import ctypes
 import datetime
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from daemon.llamacpp import lib
@@ -23,6 +23,8 @@ from daemon.llamacpp import lib
 log = logging.getLogger(__name__)
 
 _PLACEHOLDER = "KIOSKDQUESTIONSLOT7F3A"
+# One slot per message of a conversation, numbered in order: KIOSKDSLOT0X, KIOSKDSLOT1X, ...
+_SLOT = re.compile(r"KIOSKDSLOT(\d+)X")
 
 # Turn and control markers of the common chat templates (ChatML/Qwen, Gemma, Llama 3, Phi, ...).
 _MARKERS = re.compile(
@@ -121,6 +123,15 @@ class PromptParts:
     add_bos: bool
 
 
+@dataclass(frozen=True)
+class PromptSegments:
+    """A rendered prompt as (text, is_template) pieces: template text is tokenized with its
+    control tokens, client text (questions, earlier answers) without."""
+
+    segments: tuple[tuple[str, bool], ...]
+    add_bos: bool
+
+
 class PromptBuilder:
     """Renders system prompt + question with the model's chat template."""
 
@@ -135,6 +146,8 @@ class PromptBuilder:
         add_bos: bool = True,
     ) -> None:
         self._system_prompt = system_prompt
+        # What decides the rendering, for telling whether a saved model state still fits.
+        self.template_text = embedded_template or f"builtin:{fallback_format}"
         self._bos_token = bos_token
         self._add_bos = add_bos
         self.source: str
@@ -161,19 +174,49 @@ class PromptBuilder:
         add_bos = self._add_bos and not (self._bos_token and before.startswith(self._bos_token))
         return PromptParts(before, strip_markers(question), after, add_bos)
 
-    def _with_system_prompt(self, user_text: str) -> str:
-        messages = [
-            {"role": "system", "content": self._system_prompt},
-            {"role": "user", "content": user_text},
+    def build_turns(self, question: str, history: Sequence[tuple[str, str]]) -> PromptSegments:
+        """The prompt of a conversation's next turn: the earlier (question, answer) turns in
+        order, then `question`, as template text and client text taking turns.
+
+        Each turn is rendered as the template renders it in any later turn, so that the
+        prompt of one turn is the start of the next one's and its model state can be reused.
+        """
+        count = 2 * len(history) + 1
+        slots = [f"KIOSKDSLOT{index}X" for index in range(count)]
+        turns = [
+            {"role": "user" if index % 2 == 0 else "assistant", "content": slot}
+            for index, slot in enumerate(slots)
         ]
+        pieces = _SLOT.split(self._with_system_prompt(turns))
+        # split() with a group gives text, slot number, text, ..., text.
+        if [int(number) for number in pieces[1::2]] != list(range(count)):
+            raise RuntimeError("the chat template does not place each turn's text exactly once")
+        texts = [text for exchange in history for text in exchange] + [question]
+        segments: list[tuple[str, bool]] = []
+        for index, template_text in enumerate(pieces[0::2]):
+            segments.append((template_text, True))
+            if index < count:
+                segments.append((strip_markers(texts[index]), False))
+        before = pieces[0]
+        add_bos = self._add_bos and not (self._bos_token and before.startswith(self._bos_token))
+        return PromptSegments(tuple(segments), add_bos)
+
+    def _with_system_prompt(self, turns: str | Messages) -> str:
+        if isinstance(turns, str):
+            turns = [{"role": "user", "content": turns}]
+        messages = [{"role": "system", "content": self._system_prompt}, *turns]
         try:
             rendered = self._render(messages)
             dropped_system = self._system_prompt.strip() not in rendered
         except Exception:  # noqa: BLE001 - templates raise anything, e.g. "System role not supported"
             dropped_system = True
         if dropped_system:
-            # Formats without a system turn get the instructions ahead of the question.
-            merged = [{"role": "user", "content": f"{self._system_prompt}\n\n{user_text}"}]
+            # Formats without a system turn get the instructions ahead of the first question.
+            first = turns[0]
+            merged = [
+                {"role": "user", "content": f"{self._system_prompt}\n\n{first['content']}"},
+                *turns[1:],
+            ]
             rendered = self._render(merged)
         return rendered
 

@@ -13,6 +13,7 @@ from typing import Protocol
 from daemon.grammar import AnswerFormat, JsonValue
 from daemon.loglimit import LogLimiter
 from daemon.messages import (
+    ConversationInfo,
     Done,
     Error,
     ErrorCode,
@@ -52,6 +53,8 @@ class Generation:
     # With a format: the parsed answer, or why a complete answer does not meet it.
     json: JsonValue | None = None
     json_error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose model state was reused
+    conversation: ConversationInfo | None = None  # for a turn of a conversation
 
 
 class Generator(Protocol):
@@ -67,6 +70,7 @@ class Generator(Protocol):
         should_stop: Callable[[], bool],
         stop: Sequence[str] = (),
         answer_format: AnswerFormat | None = None,
+        conversation_id: str | None = None,
     ) -> Generation: ...
 
 
@@ -108,9 +112,12 @@ class Scheduler:
         flush_ms: float = 0.0,
         max_chunk_chars: int | None = None,
         on_busy_change: Callable[[], None] = lambda: None,
+        next_turn: Callable[[str], ConversationInfo] | None = None,
     ) -> None:
-        """`on_busy_change` runs on the worker thread when a generation starts or ends."""
+        """`on_busy_change` runs on the worker thread when a generation starts or ends;
+        `next_turn` tells where a conversation stands, for a turn that ends unanswered."""
         self._on_busy_change = on_busy_change
+        self._next_turn = next_turn or _first_turn
         self._log = LogLimiter(log)
         self._flush_ms = flush_ms
         self._max_chunk_chars = max_chunk_chars
@@ -379,6 +386,7 @@ class Scheduler:
                 should_stop=should_stop,
                 stop=request.stop,
                 answer_format=request.answer_format,
+                conversation_id=request.conversation_id,
             )
         except RequestError as exc:
             with self._cond:
@@ -408,14 +416,16 @@ class Scheduler:
         else:
             reason = "stop"
         timing = _timing(job.received_monotonic, started, result)
+        usage = Usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
         job.stream.send(
             Done(
                 result.text,
                 reason,
-                Usage(result.prompt_tokens, result.completion_tokens),
+                usage,
                 timing,
                 json=result.json,
                 json_error=result.json_error,
+                conversation=result.conversation,
             )
         )
         with self._cond:
@@ -464,7 +474,16 @@ class Scheduler:
         else:
             # It never reached the model: health counts it with the refused ones.
             self.counters.rejected += 1
-        job.stream.send(Done("", reason, Usage(0, 0), Timing(waited_ms, None, waited_ms, None)))
+        conversation_id = job.request.conversation_id
+        job.stream.send(
+            Done(
+                "",
+                reason,
+                Usage(0, 0),
+                Timing(waited_ms, None, waited_ms, None),
+                conversation=None if conversation_id is None else self._next_turn(conversation_id),
+            )
+        )
         log.info(
             "request %s ended: %s while queued after %d ms",
             job.request.id,
@@ -480,6 +499,10 @@ class Scheduler:
     def _retry_after_s(self) -> float:
         ahead = len(self._queue) + (1 if self._running is not None else 0)
         return round(max(1.0, self._request_s * ahead), 1)
+
+
+def _first_turn(conversation_id: str) -> ConversationInfo:
+    return ConversationInfo(conversation_id, 1, 0, 0, new=True)
 
 
 def _timing(received: float, started: float, result: Generation) -> Timing:

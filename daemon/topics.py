@@ -20,6 +20,10 @@ class Topics:
         return f"{self.prefix}/cancel"
 
     @property
+    def forget(self) -> str:
+        return f"{self.prefix}/forget"
+
+    @property
     def status(self) -> str:
         return f"{self.prefix}/status"
 

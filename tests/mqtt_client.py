@@ -180,7 +180,18 @@ def assert_well_formed(messages: list[dict[str, Any]], request_id: str | None) -
             chunks = "".join(m["text"] for m in messages if m["type"] == "chunk")
             assert chunks == final["text"], "chunk texts must concatenate to done.text"
         if "usage" in final:
-            assert set(final["usage"]) == {"prompt_tokens", "completion_tokens"}
+            usage = final["usage"]
+            # PROTOCOL.md "Prompt reuse, reported": cached_tokens is in every done.
+            assert set(usage) == {"prompt_tokens", "completion_tokens", "cached_tokens"}
+            assert 0 <= usage["cached_tokens"] <= max(0, usage["prompt_tokens"] - 1)
+        if "conversation" in final:
+            assert set(final["conversation"]) == {
+                "id",
+                "turn",
+                "context_tokens",
+                "dropped_turns",
+                "new",
+            }
         if "timing" in final:
             assert set(final["timing"]) == {
                 "queued_ms",

@@ -131,7 +131,8 @@ HA_DATA_SIZE_UNITS = frozenset(
     ]
 )
 
-# PROTOCOL.md's example P/health message: every template must resolve against it.
+# PROTOCOL.md's example P/health message, with the version 2 conversations section: every
+# template must resolve against it.
 HEALTH_EXAMPLE: dict[str, object] = json.loads(
     """
     {"ts": 1763850000.0, "device": "pi-line-3", "state": "ready", "uptime_s": 3600,
@@ -143,7 +144,8 @@ HEALTH_EXAMPLE: dict[str, object] = json.loads(
      "model": {"name": "qwen2.5-0.5b-instruct-q4_k_m", "threads": 3, "ctx": 2048},
      "queue": {"depth": 0, "capacity": 8},
      "counters": {"answered": 120, "errors": 2, "rejected": 1, "cancelled": 3},
-     "last": {"tokens_per_s": 27.5, "first_token_ms": 180}}
+     "last": {"tokens_per_s": 27.5, "first_token_ms": 180},
+     "conversations": {"active": 3, "state_mb": 12.5}}
     """
 )
 
@@ -193,6 +195,7 @@ def test_one_config_per_entity_under_the_documented_topic_layout() -> None:
         "memory_available",
         "rss",
         "queue_depth",
+        "conversations",
         "state",
         "tokens_per_s",
         "throttled",
@@ -270,6 +273,7 @@ def test_every_template_reads_a_field_of_the_health_json() -> None:
         "memory_available": "memory.available_mb",
         "rss": "memory.rss_mb",
         "queue_depth": "queue.depth",
+        "conversations": "conversations.active",
         "state": "state",
         "tokens_per_s": "last.tokens_per_s",
         "throttled": "thermal.throttled.now",
@@ -291,7 +295,14 @@ def test_units_and_classes_match_home_assistant_device_classes() -> None:
     for object_id in ("memory_available", "rss"):
         assert entities[object_id]["device_class"] == "data_size"
         assert entities[object_id]["unit_of_measurement"] in HA_DATA_SIZE_UNITS
-    for object_id in ("cpu_temp", "cpu_percent", "memory_available", "rss", "queue_depth"):
+    for object_id in (
+        "cpu_temp",
+        "cpu_percent",
+        "memory_available",
+        "rss",
+        "queue_depth",
+        "conversations",
+    ):
         assert entities[object_id]["state_class"] == "measurement"
     assert entities["tokens_per_s"]["state_class"] == "measurement"
     # HA rejects options together with state_class or unit_of_measurement.

@@ -250,3 +250,40 @@ def test_a_duplicate_id_is_refused_by_the_kiosk_that_has_it(fleet: Callable[...,
         assert done[0]["finish_reason"] == "cancelled", "F/cancel reaches the kiosk that has it"
     finally:
         pool.client.close()
+
+
+def test_a_conversation_lives_on_the_kiosk_that_answered_it_and_f_forget_drops_it(
+    fleet: Callable[..., Fleet],
+) -> None:
+    pool = fleet(count=2)
+    try:
+        client = pool.client
+        client.publish(
+            f"{pool.prefix}/ask",
+            {"id": "turn-1", "question": "Name a tool.", "conversation_id": "fleet-conv-9"},
+        )
+        pool.wait_answered(["turn-1"])
+        first = pool.terminals("turn-1")[0]
+        assert first["conversation"]["new"]
+        owner = next(k for k in pool.kiosks if k.name == first["device"])
+        # PROTOCOL.md: follow-ups go to the kiosk's own P/ask.
+        client.subscribe(f"{owner.prefix}/answer/+")
+
+        def follow_up(request_id: str) -> dict[str, Any]:
+            client.publish(
+                f"{owner.prefix}/ask",
+                {"id": request_id, "question": "And?", "conversation_id": "fleet-conv-9"},
+            )
+            return client.stream(f"{owner.prefix}/answer/{request_id}")[-1]
+
+        second = follow_up("turn-2")
+        assert (second["conversation"]["turn"], second["conversation"]["new"]) == (2, False)
+        client.publish(f"{pool.prefix}/forget", {"conversation_id": "fleet-conv-9"})
+        deadline = time.monotonic() + 10
+        while "fleet forget for conversation fleet-conv-9" not in owner.daemon.log():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        third = follow_up("turn-3")
+        assert (third["conversation"]["turn"], third["conversation"]["new"]) == (1, True)
+    finally:
+        pool.client.close()

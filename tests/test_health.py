@@ -34,6 +34,7 @@ HEALTH_KEYS = {
     "queue",
     "counters",
     "last",
+    "conversations",
     "fleet",
 }
 SECTION_KEYS = {
@@ -44,6 +45,7 @@ SECTION_KEYS = {
     "queue": {"depth", "capacity"},
     "counters": {"answered", "errors", "rejected", "cancelled"},
     "last": {"tokens_per_s", "first_token_ms"},
+    "conversations": {"active", "state_mb"},
 }
 
 
@@ -314,6 +316,7 @@ def test_kioskd_status_prints_a_table(start_daemon: DaemonFactory, broker: Broke
     assert "online, state ready" in result.stdout
     assert "x86_pkg_temp 51.0 C" in result.stdout
     assert "SEN1 -" in result.stdout
+    assert "Chats     0 conversations kept, 0.0 MiB of model state" in result.stdout
     missing = subprocess.run(
         [
             sys.executable,

@@ -207,7 +207,7 @@ def test_cancel_queued_request(
     done = messages[-1]
     assert done["finish_reason"] == "cancelled"
     assert done["text"] == ""
-    assert done["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
+    assert done["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
     # The running one is unaffected, and an unknown id is ignored without harm.
     client.publish(daemon.topic("cancel"), {"id": "no-such-request"})
     first = assert_well_formed(client.stream(daemon.topic("answer/first")), "first")
