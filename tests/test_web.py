@@ -248,3 +248,38 @@ def save_screenshots(driver: WebDriver) -> None:
         path = SCREENSHOTS / f"kiosk-screen-{width}x{height}.png"
         assert driver.save_screenshot(str(path)), path
         assert path.stat().st_size > 10_000, "a blank page would be tiny"
+
+
+def test_page_follow_ups_stay_in_one_conversation_until_new(
+    start_daemon: DaemonFactory,
+    web: WebFactory,
+    page: WebDriver,
+    client: TestClient,
+    sys_root: Path,
+) -> None:
+    daemon = start_daemon(kiosk_config(sys_root, 24))
+    client.subscribe(daemon.topic("answer/+"))
+    page.get(web(daemon.config_path).url)
+    wait_until(lambda: text(page, "status").startswith("online"), "online")
+
+    def turn_of_next_answer(question: str) -> dict[str, object]:
+        count = len(client.received)
+        ask(page, question)
+        assert watch_answer(page, {"done", "error", "cancelled"})[-1][0] == "done"
+        dones = client.wait_for(
+            lambda got: any(r.json()["type"] == "done" for r in got[count:]), timeout_s=30
+        )
+        done = next(r.json() for r in dones[count:] if r.json()["type"] == "done")
+        conversation = done["conversation"]
+        assert isinstance(conversation, dict)
+        return conversation
+
+    first = turn_of_next_answer("What is a PLC?")
+    assert (first["turn"], first["new"]) == (1, True)
+    follow_up = turn_of_next_answer("And what does it control?")
+    assert (follow_up["turn"], follow_up["new"]) == (2, False)
+    assert follow_up["id"] == first["id"], "the page sent its conversation_id again"
+    page.find_element(By.ID, "new").click()
+    fresh = turn_of_next_answer("What is a relay?")
+    assert (fresh["turn"], fresh["new"]) == (1, True)
+    assert fresh["id"] != first["id"]

@@ -104,7 +104,8 @@
   window.kioskdTimings = [];
 
   function newConversationId() {
-    const bytes = crypto.getRandomValues(new Uint8Array(8));
+    // 128 random bits: whoever knows a conversation's id can continue it (docs/security.md).
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
     return "c-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
   }
 
