@@ -28,6 +28,7 @@ from daemon.asker import (
 )
 from daemon.config import Config, ConfigError, load, sanitize_device_id
 from daemon.messages import ID_PATTERN, ID_RULE, new_request_id
+from daemon.printer import stream_printer
 from daemon.topics import Topics
 
 EXIT_CODES_HELP = f"""exit codes:
@@ -193,27 +194,7 @@ def run_ask(args: argparse.Namespace) -> int:
     if (shape := askformat.options(args)) is None:
         return exitcodes.FAILURE
     answer = Answer(new_request_id())
-    shown: list[str] = []  # answer text printed so far (plain output)
-
-    def show(message: dict[str, Any]) -> None:
-        kind = message.get("type")
-        if args.json:
-            print(json.dumps(message, ensure_ascii=False), flush=True)
-            return
-        if message.get("restart") and shown:
-            # The kiosk crashed and answers again from the start (docs/protocol.md).
-            print("\n[the kiosk restarted; the answer starts again]", file=sys.stderr, flush=True)
-            shown.clear()
-        if kind == "chunk":
-            shown.append(str(message.get("text", "")))
-            print(shown[-1], end="", flush=True)
-        elif kind == "queued":
-            print(f"[queued, position {message.get('position')}]", file=sys.stderr, flush=True)
-        elif kind == "done":
-            # With `stream: false` (or a chunk that never came) the text is only here.
-            text, so_far = message.get("text"), "".join(shown)
-            if isinstance(text, str) and text.startswith(so_far):
-                print(text[len(so_far) :], end="", flush=True)
+    show = stream_printer(as_json=args.json)
 
     try:
         ask(

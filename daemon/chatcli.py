@@ -9,7 +9,6 @@ after its last answer, so `--conversation ID` continues it later.
 from __future__ import annotations
 
 import argparse
-import json
 import secrets
 import sys
 from typing import Any
@@ -26,6 +25,7 @@ from daemon.askcli import (
 )
 from daemon.asker import Answer, UnavailableError, ask
 from daemon.messages import new_request_id
+from daemon.printer import stream_printer
 
 PROMPT = "> "
 
@@ -107,25 +107,7 @@ def _turn(
 ) -> dict[str, Any] | None:
     """Ask one turn and show its answer; returns the terminal message (None: none came)."""
     answer = Answer(new_request_id())
-    shown: list[str] = []
-
-    def show(message: dict[str, Any]) -> None:
-        if args.json:
-            print(json.dumps(message, ensure_ascii=False), flush=True)
-            return
-        if message.get("restart") and shown:
-            print("\n[the kiosk restarted; the answer starts again]", file=sys.stderr, flush=True)
-            shown.clear()
-        kind = message.get("type")
-        if kind == "chunk":
-            shown.append(str(message.get("text", "")))
-            print(shown[-1], end="", flush=True)
-        elif kind == "queued":
-            print(f"[queued, position {message.get('position')}]", file=sys.stderr, flush=True)
-        elif kind == "done":
-            text, so_far = message.get("text"), "".join(shown)
-            if isinstance(text, str) and text.startswith(so_far):
-                print(text[len(so_far) :], end="", flush=True)
+    show = stream_printer(as_json=args.json)
 
     try:
         ask(

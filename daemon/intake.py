@@ -82,12 +82,7 @@ class Intake:
         """A retained question: the broker would hand it over at every (re)subscribe."""
         request_id = None
         try:
-            request = parse_request(
-                message.payload,
-                max_payload_bytes=self._config.limits.max_payload_bytes,
-                max_question_chars=self._config.limits.max_question_chars,
-                max_schema_bytes=self._config.limits.max_schema_bytes,
-            )
+            request = self._parse(message)
             request_id = request.id if request.id_chosen else None
         except RequestError as exc:
             request_id = exc.request_id
@@ -142,12 +137,7 @@ class Intake:
             self._packets.hold(message.mid, message.payload)
         acknowledge = self._acknowledger(message)
         try:
-            request = parse_request(
-                message.payload,
-                max_payload_bytes=self._config.limits.max_payload_bytes,
-                max_question_chars=self._config.limits.max_question_chars,
-                max_schema_bytes=self._config.limits.max_schema_bytes,
-            )
+            request = self._parse(message)
         except RequestError as exc:
             self._log.log(
                 logging.INFO,
@@ -337,6 +327,15 @@ class Intake:
             acknowledge()
 
     # --- plumbing -------------------------------------------------------------------------
+
+    def _parse(self, message: Inbound) -> Request:
+        limits = self._config.limits
+        return parse_request(
+            message.payload,
+            max_payload_bytes=limits.max_payload_bytes,
+            max_question_chars=limits.max_question_chars,
+            max_schema_bytes=limits.max_schema_bytes,
+        )
 
     def _rate_limited(self, message: Inbound) -> float | None:
         """Seconds the sender must wait, or None; see docs/security.md for who "sender" is."""
