@@ -153,7 +153,7 @@ answer = engine.generate(
     "Hi", max_tokens=4, temperature=0.7, on_text=lambda _t: None, should_stop=lambda: False
 )
 heavy = [m for m in ("numpy", "jinja2", "diskcache", "llama_cpp.llama") if m in sys.modules]
-print(answer.completion_tokens, heavy)
+print(answer.completion_tokens > 0, heavy)  # the frame may end a sampled answer early
 
 import llama_cpp  # the whole package still loads afterwards, on the very same bindings
 from daemon.llamacpp import lib
@@ -175,4 +175,4 @@ def test_the_engine_loads_llama_cpp_pythons_bindings_and_nothing_heavier(
         cwd=Path(__file__).parents[1],
     )
     assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.splitlines() == ["4 []", "True True"]
+    assert probe.stdout.splitlines() == ["True []", "True True"]
