@@ -22,12 +22,12 @@ from pathlib import Path
 from daemon import seqstate
 from daemon.config import DEFAULT_EXAMPLES, ModelConfig
 from daemon.framing import CompletionFrame, Example
+from daemon.generation import Generation
 from daemon.grammar import AnswerFormat, json_complete
 from daemon.llamacpp import lib
 from daemon.messages import ErrorCode, RequestError
 from daemon.prompt import PromptBuilder, fallback_format
 from daemon.sampling import GrammarError, GrammarMode, Sampler
-from daemon.scheduler import Generation
 from daemon.seqstate import SavedState
 from daemon.stops import AnswerText
 

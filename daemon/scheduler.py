@@ -6,11 +6,10 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from daemon.grammar import AnswerFormat, JsonValue
+from daemon.generation import Generation, Generator
 from daemon.loglimit import LogLimiter
 from daemon.messages import (
     ConversationInfo,
@@ -37,41 +36,6 @@ _DEFAULT_REQUEST_S = 10.0
 _STOP_WAIT_S = 5.0
 
 _CUT_SHORT = "kioskd is shutting down; the answer was cut short"
-
-
-@dataclass(frozen=True)
-class Generation:
-    """What the engine reports back about one answer."""
-
-    text: str
-    stopped: bool  # True when should_stop ended it early
-    hit_length: bool
-    prompt_tokens: int
-    completion_tokens: int
-    first_token_monotonic: float | None
-    end_monotonic: float
-    # With a format: the parsed answer, or why a complete answer does not meet it.
-    json: JsonValue | None = None
-    json_error: str | None = None
-    cached_tokens: int = 0  # prompt tokens whose model state was reused
-    conversation: ConversationInfo | None = None  # for a turn of a conversation
-
-
-class Generator(Protocol):
-    """The part of the engine the scheduler drives."""
-
-    def generate(
-        self,
-        question: str,
-        *,
-        max_tokens: int | None,
-        temperature: float | None,
-        on_text: Callable[[str], None],
-        should_stop: Callable[[], bool],
-        stop: Sequence[str] = (),
-        answer_format: AnswerFormat | None = None,
-        conversation_id: str | None = None,
-    ) -> Generation: ...
 
 
 @dataclass

@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 
 from daemon.conversations import ConversationStore, Exchange
 from daemon.engine import Engine
+from daemon.generation import Generation
 from daemon.grammar import AnswerFormat
-from daemon.scheduler import Generation
 from daemon.seqstate import SavedState
 
 

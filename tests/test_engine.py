@@ -16,7 +16,7 @@ import pytest
 from daemon import engine as engine_module
 from daemon.bench import raw_llama
 from daemon.engine import Engine, EngineSettings
-from daemon.scheduler import Generation
+from daemon.generation import Generation
 
 QUESTIONS = ("What is a PLC?", "Name three safety rules.", "What is a PLC? Explain it.")
 

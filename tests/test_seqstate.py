@@ -15,7 +15,7 @@ from daemon import engine as engine_module
 from daemon import seqstate
 from daemon.bench_synth import tiny_qwen2
 from daemon.engine import Engine, EngineSettings
-from daemon.scheduler import Generation
+from daemon.generation import Generation
 
 # Three long turns: more than Gemma 3's 512-position window, so that a saved state is partial.
 LONG = (
