@@ -577,19 +577,18 @@ class App:
             if message.payload.strip() == b"online":
                 log.info("Home Assistant restarted; sending discovery again")
                 self._publish_discovery()
+        elif message.topic in (self.topics.cancel, self.topics.forget) and message.retain:
+            # A retained cancel or forget would act again at every (re)subscribe.
+            log.warning(
+                "ignored a retained message on %s; clear it with an empty retained publish",
+                message.topic,
+            )
         elif message.topic == self.topics.cancel:
             self._on_cancel(message)
         elif message.topic == self.topics.forget:
             self._on_forget(message)
 
     def _on_cancel(self, message: Inbound) -> None:
-        if message.retain:
-            # A retained cancel would cancel the same id again at every (re)subscribe.
-            log.warning(
-                "ignored a retained message on %s; clear it with an empty retained publish",
-                message.topic,
-            )
-            return
         request_id = parse_cancel(message.payload)
         if request_id is None:
             self._log.log(logging.WARNING, "bad_cancel", "ignored a cancel without a valid id")
@@ -603,13 +602,6 @@ class App:
             )
 
     def _on_forget(self, message: Inbound) -> None:
-        if message.retain:
-            # A retained forget would drop the conversation again at every (re)subscribe.
-            log.warning(
-                "ignored a retained message on %s; clear it with an empty retained publish",
-                message.topic,
-            )
-            return
         conversation_id = parse_forget(message.payload)
         if conversation_id is None:
             self._log.log(
