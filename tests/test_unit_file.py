@@ -175,6 +175,15 @@ def test_dropins_open_only_their_devices() -> None:
 def test_verify_reports_nothing(tmp_path: Path, dropin: str | None) -> None:
     unit = install_tree(tmp_path, dropin, stub_exec=True)
 
+    assert_verify_clean(unit, tmp_path)
+
+
+def test_security_exposure_of_the_unit(tmp_path: Path) -> None:
+    assert_exposure_within_budget(UNIT, tmp_path)
+
+
+def assert_verify_clean(unit: Path, tmp_path: Path) -> None:
+    """`systemd-analyze verify` accepts the unit and says nothing about it."""
     result = analyze("verify", "--man=no", str(unit), cwd=tmp_path)
 
     complaints = [
@@ -186,13 +195,14 @@ def test_verify_reports_nothing(tmp_path: Path, dropin: str | None) -> None:
     assert complaints == []
 
 
-def test_security_exposure_of_the_unit(tmp_path: Path) -> None:
+def assert_exposure_within_budget(unit: Path, tmp_path: Path) -> None:
+    """`systemd-analyze security --offline=true` rates the unit at most MAX_EXPOSURE."""
     if systemd_version() < MIN_SYSTEMD_FOR_OFFLINE:
         pytest.skip(
             f"systemd-analyze security --offline needs systemd >= {MIN_SYSTEMD_FOR_OFFLINE}"
         )
 
-    result = analyze("security", "--offline=true", "--no-pager", str(UNIT), cwd=tmp_path)
+    result = analyze("security", "--offline=true", "--no-pager", str(unit), cwd=tmp_path)
 
     assert result.returncode == 0, result.stderr
     assert exposure(result.stdout) <= MAX_EXPOSURE, result.stdout

@@ -5,18 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
-
 from daemon import exitcodes
 from tests.test_unit_file import (
     KIOSKD,
-    MAX_EXPOSURE,
-    MIN_SYSTEMD_FOR_OFFLINE,
     SYSTEMD_DIR,
-    analyze,
+    assert_exposure_within_budget,
+    assert_verify_clean,
     directives,
-    exposure,
-    systemd_version,
 )
 
 UNIT = SYSTEMD_DIR / "kioskd-web.service"
@@ -47,24 +42,8 @@ def test_web_unit_verifies_cleanly(tmp_path: Path) -> None:
     # verify checks that ExecStart= binaries exist; the venv is not installed here.
     unit.write_text(UNIT.read_text().replace(KIOSKD, shutil.which("true") or "/bin/true"))
 
-    result = analyze("verify", "--man=no", str(unit), cwd=tmp_path)
-
-    complaints = [
-        line
-        for line in (result.stdout + result.stderr).splitlines()
-        if "kioskd" in line or str(tmp_path) in line
-    ]
-    assert result.returncode == 0, result.stderr
-    assert complaints == []
+    assert_verify_clean(unit, tmp_path)
 
 
 def test_web_unit_security_exposure(tmp_path: Path) -> None:
-    if systemd_version() < MIN_SYSTEMD_FOR_OFFLINE:
-        pytest.skip(
-            f"systemd-analyze security --offline needs systemd >= {MIN_SYSTEMD_FOR_OFFLINE}"
-        )
-
-    result = analyze("security", "--offline=true", "--no-pager", str(UNIT), cwd=tmp_path)
-
-    assert result.returncode == 0, result.stderr
-    assert exposure(result.stdout) <= MAX_EXPOSURE, result.stdout
+    assert_exposure_within_budget(UNIT, tmp_path)
