@@ -183,7 +183,7 @@ class App:
             username=mqtt.username,
             password=self.config.mqtt_password(),
             tls_context=mqtt.tls.ssl_context(),
-            # PROTOCOL.md "Crash safety": a question is acknowledged once it is answered.
+            # docs/protocol.md "Crash safety": a question is acknowledged once it is answered.
             manual_ack=True,
             max_packet_bytes=mqtt.max_message_bytes,
             **settings,
@@ -263,7 +263,7 @@ class App:
         self.scheduler.start(self._turns(self._engine))
         self._enter(State.READY)
         if self.fleet is not None and not self.scheduler.overheated:
-            # PROTOCOL.md: online only once every subscription, the share too, is acknowledged.
+            # docs/protocol.md: online only once every subscription, the share too, is acknowledged.
             self.fleet.join()
         self._announce_online()
         if self.config.homeassistant.enabled:
@@ -529,7 +529,7 @@ class App:
         )
 
     def _publish_health(self, payload: bytes) -> None:
-        # QoS 0 and retained (PROTOCOL.md): a lost one is replaced by the next.
+        # QoS 0 and retained (docs/protocol.md): a lost one is replaced by the next.
         self.connection.publish(self.topics.health, payload, qos=0, retain=True, content_type=JSON)
 
     def _report_health(self) -> None:

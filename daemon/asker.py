@@ -260,7 +260,7 @@ def _collect(
         except ValueError:
             continue  # not from a kiosk: every reply is a JSON object
         if not isinstance(message, dict) or message.get("code") == "duplicate_id":
-            continue  # a duplicate_id refusal never ends the request it names (PROTOCOL.md)
+            continue  # a duplicate_id refusal never ends the request it names (docs/protocol.md)
         answer.messages.append(message)
         answer.arrivals_monotonic.append(arrived)
         if message.get("type") == "chunk" and answer.first_chunk_monotonic is None:

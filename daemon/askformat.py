@@ -1,5 +1,5 @@
 """`kioskd ask --stop/--json-schema/--json-object`: how an answer is asked to end and what
-shape it must have (PROTOCOL.md, "Stop strings and JSON answers")."""
+shape it must have (docs/protocol.md, "Stop strings and JSON answers")."""
 
 from __future__ import annotations
 

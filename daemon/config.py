@@ -507,7 +507,7 @@ class Config:
 
 
 def sanitize_device_id(name: str) -> str:
-    """Lower-case `name` and replace characters outside [a-z0-9_-] with '-' (PROTOCOL.md)."""
+    """Lower-case `name` and replace characters outside [a-z0-9_-] with '-' (docs/protocol.md)."""
     return re.sub(r"[^a-z0-9_-]", "-", name.lower()) or "kiosk"
 
 

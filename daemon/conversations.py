@@ -1,5 +1,5 @@
 """Conversations in memory: their remembered turns, expiry, how many are kept, and the memory
-their saved model states may take (PROTOCOL.md, "Conversations").
+their saved model states may take (docs/protocol.md, "Conversations").
 
 The worker thread starts and ends turns; P/forget arrives on the network thread; the saver
 thread writes to disk. One lock guards the table, and every file rename or deletion happens

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from daemon.topics import homeassistant_config
 
-# P/health.state values, from PROTOCOL.md.
+# P/health.state values, from docs/protocol.md.
 HEALTH_STATES = ("starting", "loading", "ready", "busy", "throttled", "draining")
 
 # HA expires a reading it has not seen refreshed for this many telemetry intervals, so a kiosk

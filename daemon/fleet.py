@@ -1,4 +1,4 @@
-"""Membership of a fleet: questions from one pool, shared by the broker (PROTOCOL.md, "Fleet").
+"""Membership of a fleet: questions from one pool, shared by the broker (docs/protocol.md, "Fleet").
 
 The fleet has its own MQTT connection, with clean start and no session expiry, apart from the
 kiosk's own persistent one:

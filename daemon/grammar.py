@@ -1,5 +1,5 @@
-"""JSON answers (PROTOCOL.md, "Stop strings and JSON answers"): a request's `format` as a grammar
-for the sampler, and the finished answer parsed and checked against its schema.
+"""JSON answers (docs/protocol.md, "Stop strings and JSON answers"): a request's `format` as a
+grammar for the sampler, and the finished answer parsed and checked against its schema.
 
 The grammar comes from llama.cpp's own JSON-schema-to-grammar converter, so the keywords kioskd
 enforces are exactly the ones llama.cpp documents. Converting a schema costs milliseconds, and a

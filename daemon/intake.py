@@ -1,6 +1,6 @@
 """Questions arriving on P/ask: validate, route errors, de-duplicate, hand to the scheduler.
 
-Each question's PUBACK is held until its terminal message has been delivered (PROTOCOL.md,
+Each question's PUBACK is held until its terminal message has been delivered (docs/protocol.md,
 "Crash safety"), so every path below ends in a stream or a publish that acknowledges it.
 """
 
@@ -178,7 +178,7 @@ class Intake:
         """The stream's topic; None when the request has been refused here instead."""
         response_topic = message.response_topic
         error_id = request.id if request.id_chosen else None
-        # PROTOCOL.md "Where id-less errors go": the sender knows only an id it chose.
+        # docs/protocol.md "Where errors go": the sender knows only an id it chose.
         fallback = self._topics.answer(request.id) if request.id_chosen else self._topics.error
         if response_topic is not None and not is_allowed_reply_topic(
             response_topic, self._reply_prefixes
@@ -253,7 +253,7 @@ class Intake:
         """Where an invalid request's error goes (docs/protocol.md, "Where errors go")."""
         response_topic = message.response_topic
         if error.code is ErrorCode.TOO_LARGE:
-            return self._topics.error  # PROTOCOL.md: rejected unread, answered on P/error
+            return self._topics.error  # docs/protocol.md: rejected unread, answered on P/error
         if response_topic is not None and is_allowed_reply_topic(
             response_topic, self._reply_prefixes
         ):
@@ -390,9 +390,9 @@ class Intake:
 
 
 def _smallest_done_bytes(request: Request) -> int:
-    """The payload of a done with everything left out that may be (PROTOCOL.md, "Tiny devices"),
-    with room for a restart flag, a long seq and one more character. A turn's conversation
-    block stays in, with room for long counts."""
+    """The payload of a done with everything left out that may be (docs/protocol.md, "Tiny
+    devices"), with room for a restart flag, a long seq and one more character. A turn's
+    conversation block stays in, with room for long counts."""
     conversation = None
     if request.conversation_id is not None:
         conversation = ConversationInfo(request.conversation_id, 99999, 999999, 99999, new=False)

@@ -1,6 +1,6 @@
 """What kioskd remembers about questions it received: held acknowledgements and recent ids.
 
-PROTOCOL.md, "Crash safety" and "Duplicate ids": a question's PUBACK waits until its terminal
+docs/protocol.md, "Crash safety" and "Duplicate ids": a question's PUBACK waits until its terminal
 message has been delivered, so the broker sends it again after a crash, a freeze or a partition.
 Such a redelivery (DUP) of a question that is still in hand or has just ended must not start a
 second answer, and a client's retry of a finished id gets its terminal message again. Both

@@ -1,4 +1,4 @@
-"""The MQTT payloads of PROTOCOL.md: one small type per message, validated once at the edge."""
+"""The MQTT payloads of docs/protocol.md: one small type per message, validated once at the edge."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 ID_RULE = "1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
 MAX_JSON_DEPTH = 32
-# PROTOCOL.md "Tiny devices": a request's max_message_bytes; 192 leaves a done room for its id.
+# docs/protocol.md "Tiny devices": a request's max_message_bytes; 192 leaves a done room for its id.
 MIN_MESSAGE_BYTES = 192
 MAX_MESSAGE_BYTES = 65536
-# PROTOCOL.md "Stop strings and JSON answers": 1-4 stop strings of 1-64 characters.
+# docs/protocol.md "Stop strings and JSON answers": 1-4 stop strings of 1-64 characters.
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
 DEFAULT_MAX_SCHEMA_BYTES = 8192
@@ -31,7 +31,7 @@ FinishReason = Literal["stop", "length", "cancelled", "deadline"]
 
 
 class ErrorCode(StrEnum):
-    """Machine-readable error codes (PROTOCOL.md, "Stream")."""
+    """Machine-readable error codes (docs/protocol.md, "Errors")."""
 
     INVALID_JSON = "invalid_json"
     INVALID_REQUEST = "invalid_request"
@@ -55,17 +55,17 @@ class Request:
     max_tokens: int | None = None
     temperature: float | None = None
     deadline_s: float | None = None
-    # False: no chunk messages, only queued and the terminal message (PROTOCOL.md, v2).
+    # False: no chunk messages, only queued and the terminal message (docs/protocol.md, v2).
     stream: bool = True
     # Whether the client chose the id; errors name only such ids (a generated one is unknown).
     id_chosen: bool = True
-    # The largest PUBLISH packet the client can take (PROTOCOL.md, "Tiny devices").
+    # The largest PUBLISH packet the client can take (docs/protocol.md, "Tiny devices").
     max_message_bytes: int | None = None
-    # The answer ends before the first of these (PROTOCOL.md, "Stop strings and JSON answers").
+    # The answer ends before the first of these (docs/protocol.md, "Stop strings and JSON answers").
     stop: tuple[str, ...] = ()
     # The request's `format`: the answer is JSON under this grammar and schema.
     answer_format: AnswerFormat | None = None
-    # The conversation this question continues or starts (PROTOCOL.md, "Conversations").
+    # The conversation this question continues or starts (docs/protocol.md, "Conversations").
     conversation_id: str | None = None
 
 
@@ -337,11 +337,11 @@ class StreamMessage:
     ) -> bytes:
         body: dict[str, Any] = {"id": request_id, "seq": seq, "type": self.type}
         if restart:
-            # PROTOCOL.md, "Crash safety": this id's stream starts again from seq 0.
+            # docs/protocol.md, "Crash safety": this id's stream starts again from seq 0.
             body["restart"] = True
         body.update(self.fields())
         if self.terminal and device is not None:
-            body["device"] = device  # PROTOCOL.md, "Fleet": who answered
+            body["device"] = device  # docs/protocol.md, "Fleet": who answered
         return _dumps(body)
 
 
@@ -367,13 +367,13 @@ class Chunk(StreamMessage):
 class Usage:
     prompt_tokens: int
     completion_tokens: int
-    # Prompt tokens whose model state was reused, not computed (PROTOCOL.md, "Prompt reuse").
+    # Prompt tokens whose model state was reused, not computed (docs/protocol.md, "Prompt reuse").
     cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
 class ConversationInfo:
-    """`done.conversation`: where a turn stands in its conversation (PROTOCOL.md)."""
+    """`done.conversation`: where a turn stands in its conversation (docs/protocol.md)."""
 
     id: str
     turn: int  # 1 = first; a turn that is not remembered leaves the number to the next one
@@ -407,7 +407,7 @@ class Done(StreamMessage):
     finish_reason: FinishReason
     usage: Usage
     timing: Timing
-    # Parts left out to fit a small packet, in this order (PROTOCOL.md, "Tiny devices").
+    # Parts left out to fit a small packet, in this order (docs/protocol.md, "Tiny devices").
     omitted: tuple[str, ...] = ()
     # With `format`: the parsed answer, or why a complete answer is not what was asked for.
     json: JsonValue | None = None
@@ -491,7 +491,7 @@ def _dumps(body: Mapping[str, Any]) -> bytes:
 
 def duplicate_id_payload(request_id: str, device: str) -> bytes:
     """The refusal of a request whose id is running or queued: no seq, so that it can never be
-    read as a message of the running request's stream (PROTOCOL.md, "Duplicate ids")."""
+    read as a message of the running request's stream (docs/protocol.md, "Duplicate ids")."""
     return _dumps(
         {
             "id": request_id,
@@ -509,7 +509,7 @@ def duplicate_id_payload(request_id: str, device: str) -> bytes:
 
 @dataclass(frozen=True)
 class Health:
-    """The retained `P/health` telemetry message (PROTOCOL.md, "Health")."""
+    """The retained `P/health` telemetry message (docs/protocol.md, "Health")."""
 
     ts: float
     device: str

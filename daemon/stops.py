@@ -1,6 +1,6 @@
 """The answer's text as the model writes it, trimmed to what the client is shown.
 
-PROTOCOL.md, "Stop strings and JSON answers": leading white space is not part of an answer, and
+docs/protocol.md, "Stop strings and JSON answers": leading white space is not part of an answer, and
 the answer ends just before the first stop string it would contain. Text is published as soon
 as it cannot become part of a stop string any more; only a tail that could still grow into one
 is held back, so no chunk ever carries the start of a stop string that later completes, and the

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Topics:
-    """The topics under one kiosk's prefix P (PROTOCOL.md, "Topics")."""
+    """The topics under one kiosk's prefix P (docs/protocol.md, "Topics")."""
 
     prefix: str
 
@@ -40,7 +40,7 @@ class Topics:
         return f"{self.prefix}/answer/"
 
     def shared_ask(self, group: str) -> str:
-        """The MQTT 5 shared subscription to this prefix's ask topic (PROTOCOL.md, "Fleet")."""
+        """The MQTT 5 shared subscription to this prefix's ask topic (docs/protocol.md, "Fleet")."""
         return f"$share/{group}/{self.ask}"
 
     def answer(self, request_id: str) -> str:
@@ -49,7 +49,8 @@ class Topics:
 
 
 def is_allowed_reply_topic(topic: str, allowed_prefixes: tuple[str, ...]) -> bool:
-    """Whether an MQTT 5 Response Topic may be published to (PROTOCOL.md, "Request")."""
+    """Whether an MQTT 5 Response Topic may be published to (docs/protocol.md, "MQTT 5: Response
+    Topic and Correlation Data")."""
     if not topic or topic.startswith("$") or any(c in topic for c in "+#\0"):
         return False
     return any(topic.startswith(prefix) for prefix in allowed_prefixes)

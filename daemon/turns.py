@@ -75,7 +75,7 @@ class Turns:
                 resume=start.state,
                 prompt=prompt,
             )
-            if not result.stopped:  # PROTOCOL.md: only answers that end stop or length
+            if not result.stopped:  # docs/protocol.md: only answers that end stop or length
                 exchange = (question, result.text)
                 if self._keep_state:
                     state = engine.save_sequence(engine.history_tokens((*history, exchange)))

@@ -164,7 +164,7 @@ def close_paho(client: paho.Client) -> None:
 
 
 def assert_well_formed(messages: list[dict[str, Any]], request_id: str | None) -> dict[str, Any]:
-    """Check PROTOCOL.md's stream rules and return the terminal message."""
+    """Check docs/protocol.md's stream rules and return the terminal message."""
     assert messages, "no messages"
     assert [m["seq"] for m in messages] == list(range(len(messages))), "seq must be 0,1,2,..."
     assert all(m["id"] == request_id for m in messages)
@@ -181,7 +181,7 @@ def assert_well_formed(messages: list[dict[str, Any]], request_id: str | None) -
             assert chunks == final["text"], "chunk texts must concatenate to done.text"
         if "usage" in final:
             usage = final["usage"]
-            # PROTOCOL.md "Prompt reuse, reported": cached_tokens is in every done.
+            # docs/protocol.md "Prompt reuse": cached_tokens is in every done.
             assert set(usage) == {"prompt_tokens", "completion_tokens", "cached_tokens"}
             assert 0 <= usage["cached_tokens"] <= max(0, usage["prompt_tokens"] - 1)
         if "conversation" in final:

@@ -1,4 +1,4 @@
-"""A request's `stop` and `format` at the edge (PROTOCOL.md, "Stop strings and JSON answers"),
+"""A request's `stop` and `format` at the edge (docs/protocol.md, "Stop strings and JSON answers"),
 and the grammars and checks that a format becomes (daemon/grammar.py)."""
 
 from __future__ import annotations

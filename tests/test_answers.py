@@ -1,4 +1,4 @@
-"""Answers that end (PROTOCOL.md, "Stop strings and JSON answers"), against the real broker,
+"""Answers that end (docs/protocol.md, "Stop strings and JSON answers"), against the real broker,
 daemon and embedded model, and a chat-template model that ends its own turn."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 partition and a flood. The daemon must stay up, and every request it can attribute must end
 with exactly one terminal message.
 
-What the broker restart tests hold the daemon to (PROTOCOL.md, QoS 1 is at-least-once):
+What the broker restart tests hold the daemon to (docs/protocol.md, QoS 1 is at-least-once):
 
 - A broker that keeps its sessions across a restart (persistence, clean stop) and a client with a
   persistent session: every message of an answer in flight reaches the client at least once.
@@ -236,7 +236,7 @@ def _padded_to(size: int, request_id: str) -> bytes:
 
 
 def hostile_payloads(prefix: str) -> list[Hostile]:
-    """More than 60 payloads a careless or malicious device could send; see PROTOCOL.md."""
+    """More than 60 payloads a careless or malicious device could send; see docs/protocol.md."""
     bad_json, bad_request = str(ErrorCode.INVALID_JSON), str(ErrorCode.INVALID_REQUEST)
     bad_encoding, too_large = str(ErrorCode.BAD_ENCODING), str(ErrorCode.TOO_LARGE)
     forbidden = str(ErrorCode.FORBIDDEN_REPLY_TOPIC)

@@ -1,4 +1,4 @@
-"""PROTOCOL.md "Conversations" and "Prompt reuse, reported", end to end: real mosquitto, real
+"""docs/protocol.md "Conversations" and "Prompt reuse", end to end: real mosquitto, real
 daemon, real embedded model."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing twice (PROTOCOL.md "Crash safety", "Duplicate ids"): crashes, freezes,
+"""Nothing lost, nothing twice (docs/protocol.md "Crash safety", "Duplicate ids"): crashes, freezes,
 partitions and packet limits, against a real mosquitto, the real daemon and the embedded model.
 """
 

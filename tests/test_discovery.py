@@ -131,7 +131,7 @@ HA_DATA_SIZE_UNITS = frozenset(
     ]
 )
 
-# PROTOCOL.md's example P/health message, with the version 2 conversations section: every
+# docs/protocol.md's example P/health message, with the version 2 conversations section: every
 # template must resolve against it.
 HEALTH_EXAMPLE: dict[str, object] = json.loads(
     """

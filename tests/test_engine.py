@@ -68,7 +68,7 @@ def _reference(llama: llama_cpp.Llama, engine: Engine, question: str, tokens: in
 def test_greedy_answers_match_llama_cpp_pythons(engine: Engine, reference: llama_cpp.Llama) -> None:
     for question in QUESTIONS:
         engine.forget_prompt_cache()
-        # The answer's leading white space is not part of it (PROTOCOL.md).
+        # The answer's leading white space is not part of it (docs/protocol.md).
         reference_text = _reference(reference, engine, question, 32).lstrip()
         assert _answer(engine, question, 32).text == reference_text
 

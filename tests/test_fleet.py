@@ -1,5 +1,6 @@
-"""PROTOCOL.md "Fleet": three real daemons on one real mosquitto, sharing F/ask through an MQTT 5
-shared subscription ($share/{group}/F/ask). The token-delay hook makes answers take a known time.
+"""docs/protocol.md "Fleet": three real daemons on one real mosquitto, sharing F/ask through an
+MQTT 5 shared subscription ($share/{group}/F/ask). The token-delay hook makes answers take a
+known time.
 """
 
 from __future__ import annotations
@@ -266,7 +267,7 @@ def test_a_conversation_lives_on_the_kiosk_that_answered_it_and_f_forget_drops_i
         first = pool.terminals("turn-1")[0]
         assert first["conversation"]["new"]
         owner = next(k for k in pool.kiosks if k.name == first["device"])
-        # PROTOCOL.md: follow-ups go to the kiosk's own P/ask.
+        # docs/protocol.md: follow-ups go to the kiosk's own P/ask.
         client.subscribe(f"{owner.prefix}/answer/+")
 
         def follow_up(request_id: str) -> dict[str, Any]:

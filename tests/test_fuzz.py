@@ -1,9 +1,9 @@
 """Property tests of the request parser, and a generated burst against the real daemon.
 
-The parser's contract (PROTOCOL.md, "Request"): whatever arrives on `P/ask`, parse_request either
-returns a Request that obeys every rule, or raises RequestError with one of the protocol's codes;
-no other exception ever escapes to the network thread. Examples are derandomized, so CI runs
-the same ones every time.
+The parser's contract (docs/protocol.md, "Asking a question"): whatever arrives on `P/ask`,
+parse_request either returns a Request that obeys every rule, or raises RequestError with one
+of the protocol's codes; no other exception ever escapes to the network thread. Examples are
+derandomized, so CI runs the same ones every time.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tests.conftest import DaemonFactory
 from tests.mqtt_client import Received, TestClient, assert_well_formed
 from tests.test_chaos import Streams
 
-# The rules, written out here from PROTOCOL.md rather than imported from the code under test.
+# The rules, written out here from docs/protocol.md rather than imported from the code under test.
 ID_RULE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0 but \t \n \r, DEL, C1
 MAX_DEPTH = 32
@@ -158,7 +158,7 @@ limits = st.fixed_dictionaries(
 def parse_checked(
     payload: bytes, max_payload_bytes: int, max_question_chars: int
 ) -> Request | RequestError:
-    """parse_request, with every rule of PROTOCOL.md checked on whatever comes out.
+    """parse_request, with every rule of docs/protocol.md checked on whatever comes out.
 
     Returns the Request, or the RequestError that refused the payload; any other exception
     fails the test.
@@ -242,7 +242,7 @@ def _optional_number(value: Any, in_range: Any) -> tuple[bool, float | None]:
 
 
 def expected_request(fields: dict[str, Any], max_question_chars: int) -> Request | None:
-    """The Request that PROTOCOL.md says `fields` make, or None when a rule is broken."""
+    """The Request that docs/protocol.md says `fields` make, or None when a rule is broken."""
     request_id = fields.get("id")
     if request_id is not None and not (
         isinstance(request_id, str) and ID_RULE.fullmatch(request_id)

@@ -1,4 +1,4 @@
-"""Start-up order, the broker coming and going, and the clean stop of PROTOCOL.md."""
+"""Start-up order, the broker coming and going, and the clean stop of docs/protocol.md."""
 
 from __future__ import annotations
 

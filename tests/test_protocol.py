@@ -1,4 +1,4 @@
-"""PROTOCOL.md end to end: real mosquitto, real daemon, real embedded model."""
+"""docs/protocol.md end to end: real mosquitto, real daemon, real embedded model."""
 
 from __future__ import annotations
 

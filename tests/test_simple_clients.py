@@ -1,4 +1,4 @@
-"""PROTOCOL.md "Simple clients", as MQTT.js, Node-RED and mosquitto_pub users found them.
+"""docs/protocol.md "Simple clients", as MQTT.js, Node-RED and mosquitto_pub users found them.
 
 Real mosquitto, real daemon, real embedded model.
 """

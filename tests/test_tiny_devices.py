@@ -1,4 +1,4 @@
-"""PROTOCOL.md "Tiny devices": replies that fit a microcontroller's MQTT buffer.
+"""docs/protocol.md "Tiny devices": replies that fit a microcontroller's MQTT buffer.
 
 The test client announces Maximum Packet Size in CONNECT, as an MQTT 5 stack on a
 microcontroller would; mosquitto then silently drops every bigger packet to it.

@@ -145,7 +145,7 @@ def test_tabs_and_line_breaks_are_fine() -> None:
 
 def test_parse_cancel() -> None:
     assert parse_cancel(b'{"id": "abc"}') == "abc"
-    assert parse_cancel(b"abc") == "abc", "the bare id as plain text (PROTOCOL.md v2)"
+    assert parse_cancel(b"abc") == "abc", "the bare id as plain text (docs/protocol.md v2)"
     assert parse_cancel(b" q-1.x\n") == "q-1.x"
     assert parse_cancel(b'\xef\xbb\xbf{"id": "bom"}') == "bom"
     for payload in (b"a/b", b"two words", b'{"id": "a/b"}', b"\xff", b"[]", b'{"id": 3}', b""):

@@ -130,7 +130,7 @@ class Relay:
         request_id = f"web-{secrets.token_hex(6)}"
         request: dict[str, Any] = {"id": request_id, "question": question}
         if conversation_id is not None:
-            # Ignored by a kiosk without conversations (PROTOCOL.md: unknown fields are ignored).
+            # A kiosk without conversations ignores it (docs/protocol.md: unknown fields are).
             request["conversation_id"] = conversation_id
         self._pending[request_id] = _Pending(deliver)
         self.connection.subscribe(self.topics.answer(request_id))
