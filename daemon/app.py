@@ -23,7 +23,7 @@ from daemon.broker import JSON, Connection, Delivery, Inbound, Will
 from daemon.config import Config, ConfigError, config_warnings, from_dict, load
 from daemon.conversations import ConversationStore, Saver
 from daemon.discovery import discovery_messages
-from daemon.engine import Engine, EngineSettings, ModelLoadError, TestHooks
+from daemon.engine import Engine, EngineSettings, ModelLoadError
 from daemon.fleet import FleetMember
 from daemon.framing import Example
 from daemon.intake import Intake
@@ -37,6 +37,7 @@ from daemon.scheduler import Scheduler
 from daemon.service import Notifier, Watchdog, WorkerProgress, setup_logging
 from daemon.statefile import Identity, StateFiles, default_dir
 from daemon.telemetry import TelemetryReader
+from daemon.testhooks import TestHooks
 from daemon.thermal import ThermalDecision, ThermalGovernor
 from daemon.topics import Topics, homeassistant_status
 from daemon.turns import Turns

@@ -30,9 +30,10 @@ import yaml
 
 from daemon.asker import Answer, ask
 from daemon.config import LimitsConfig, default_threads
-from daemon.engine import Engine, EngineSettings, TestHooks
+from daemon.engine import Engine, EngineSettings
 from daemon.localbroker import LocalBroker, free_port
 from daemon.models import resolve
+from daemon.testhooks import TestHooks
 
 KIOSKD_PREFIX = "bench/kiosk"
 QUESTION = "Explain briefly how a factory conveyor belt works."
@@ -387,7 +388,14 @@ def run_bench(
     thread_count = threads or default_threads()
     samples: list[Sample] = []
     settings = EngineSettings(
-        resolved, thread_count, thread_count, 2048, max(lengths), 0.0, SYSTEM_PROMPT, "auto"
+        path=resolved,
+        threads=thread_count,
+        threads_batch=thread_count,
+        ctx=2048,
+        max_tokens=max(lengths),
+        temperature=0.0,
+        system_prompt=SYSTEM_PROMPT,
+        chat_format="auto",
     )
     # The engine renders and tokenizes the prompt for the raw loop and the bridge, so that all
     # three sides read the same tokens; the raw loop runs on llama-cpp-python's own Llama.

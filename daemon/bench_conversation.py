@@ -31,8 +31,9 @@ from daemon import seqstate
 from daemon.asker import ask
 from daemon.bench import command_line, machine, rotated, write_result
 from daemon.conversations import ConversationStore
-from daemon.engine import Engine, EngineSettings, TestHooks
+from daemon.engine import Engine, EngineSettings
 from daemon.localbroker import LocalBroker, free_port
+from daemon.testhooks import TestHooks
 from daemon.turns import Turns
 
 # A turn of about 250 tokens: a long question (an operator pastes an alarm text) and an answer
@@ -86,7 +87,16 @@ def _history(turns: Turns, conversation: str) -> None:
 def run_turn5(*, reps: int, threads: int, model: Path) -> dict[str, Any]:
     """Turn 5's time to first token: restored state, back to back, and history read again."""
     engine = Engine(
-        EngineSettings(model, threads, threads, 2048, 256, 0.0, SYSTEM_PROMPT, "auto"),
+        EngineSettings(
+            path=model,
+            threads=threads,
+            threads_batch=threads,
+            ctx=2048,
+            max_tokens=256,
+            temperature=0.0,
+            system_prompt=SYSTEM_PROMPT,
+            chat_format="auto",
+        ),
         TestHooks(ignore_eos=True),  # answers of a known length
     )
     budget = 2048 - 256

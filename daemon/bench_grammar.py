@@ -23,11 +23,12 @@ from typing import Any
 
 from daemon.bench import SYSTEM_PROMPT, command_line, machine, rotated, write_result
 from daemon.config import Config, default_threads
-from daemon.engine import Engine, EngineSettings, TestHooks
+from daemon.engine import Engine, EngineSettings
 from daemon.grammar import answer_format
 from daemon.llamacpp import lib
 from daemon.models import resolve
 from daemon.sampling import GrammarMode, Sampler
+from daemon.testhooks import TestHooks
 
 QUESTION = "Classify this alarm: hydraulic press 3 on line 2 reports oil at 95 C. Answer in JSON."
 SCHEMA: dict[str, Any] = {
@@ -118,7 +119,16 @@ def run_grammar_bench(
     # ignore_eos: free answers run to exactly `tokens`; JSON answers end where their grammar does.
     engines = [
         Engine(
-            EngineSettings(path, threads, threads, 2048, tokens, 0.0, SYSTEM_PROMPT, "auto"),
+            EngineSettings(
+                path=path,
+                threads=threads,
+                threads_batch=threads,
+                ctx=2048,
+                max_tokens=tokens,
+                temperature=0.0,
+                system_prompt=SYSTEM_PROMPT,
+                chat_format="auto",
+            ),
             TestHooks(ignore_eos=True),
         )
         for path in models
@@ -240,14 +250,14 @@ def run_answer_lengths(
     for style, penalty in ANSWER_VARIANTS:
         engine = Engine(
             EngineSettings(
-                model,
-                threads,
-                threads,
-                defaults.ctx,
-                defaults.max_tokens,
-                defaults.temperature,
-                defaults.system_prompt,
-                defaults.chat_format,
+                path=model,
+                threads=threads,
+                threads_batch=threads,
+                ctx=defaults.ctx,
+                max_tokens=defaults.max_tokens,
+                temperature=defaults.temperature,
+                system_prompt=defaults.system_prompt,
+                chat_format=defaults.chat_format,
                 prompt_style=style,
                 repeat_penalty=penalty,
             )

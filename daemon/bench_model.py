@@ -13,7 +13,8 @@ import llama_cpp
 import psutil
 
 from daemon.bench import raw_llama, rotated
-from daemon.engine import Engine, EngineSettings, TestHooks
+from daemon.engine import Engine, EngineSettings
+from daemon.testhooks import TestHooks
 
 # About 150 tokens of realistic kiosk instructions (the exact count is measured and reported).
 LONG_SYSTEM_PROMPT = (
@@ -36,7 +37,16 @@ QUESTIONS = (
 
 
 def _engine(model: Path, threads: int, system_prompt: str) -> Engine:
-    settings = EngineSettings(model, threads, threads, 2048, 8, 0.0, system_prompt, "auto")
+    settings = EngineSettings(
+        path=model,
+        threads=threads,
+        threads_batch=threads,
+        ctx=2048,
+        max_tokens=8,
+        temperature=0.0,
+        system_prompt=system_prompt,
+        chat_format="auto",
+    )
     return Engine(settings, TestHooks(ignore_eos=True))
 
 

@@ -13,7 +13,6 @@ import codecs
 import contextlib
 import ctypes
 import logging
-import os
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from daemon.prompt import PromptBuilder, fallback_format
 from daemon.sampling import GrammarError, GrammarMode, Sampler
 from daemon.seqstate import SavedState
 from daemon.stops import AnswerText
+from daemon.testhooks import TestHooks
 
 log = logging.getLogger(__name__)
 llama_log = logging.getLogger("llama.cpp")
@@ -84,36 +84,7 @@ class ModelLoadError(Exception):
     """The model file is missing or llama.cpp cannot load it."""
 
 
-@dataclass(frozen=True)
-class TestHooks:
-    """Switches for the test suite and benchmarks, read from KIOSKD_TEST_* variables.
-
-    ignore_eos: keep generating past end-of-turn (and the completion frame's stops), so
-      answers have a known length.
-    token_delay_ms: sleep after every token, so a request stays running long enough to
-      queue, cancel or interrupt it.
-    stall_file: while this file exists, generation blocks (simulates a hung worker).
-    """
-
-    ignore_eos: bool = False
-    token_delay_ms: float = 0.0
-    stall_file: Path | None = None
-
-    @classmethod
-    def from_env(cls) -> TestHooks:
-        stall = os.environ.get("KIOSKD_TEST_STALL_FILE")
-        return cls(
-            ignore_eos=os.environ.get("KIOSKD_TEST_IGNORE_EOS") == "1",
-            token_delay_ms=float(os.environ.get("KIOSKD_TEST_TOKEN_DELAY_MS", "0") or 0),
-            stall_file=Path(stall) if stall else None,
-        )
-
-    @property
-    def active(self) -> bool:
-        return self.ignore_eos or self.token_delay_ms > 0 or self.stall_file is not None
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineSettings:
     path: Path
     threads: int

@@ -12,8 +12,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from daemon import engine as engine_module
-from daemon import exitcodes
+from daemon import exitcodes, testhooks
 from daemon.bench_synth import scripted_qwen2
 from daemon.engine import Engine, EngineSettings
 from daemon.framing import STOPS
@@ -194,7 +193,18 @@ def test_a_template_model_stops_on_its_end_of_turn_token(
 
 
 def test_the_chat_path_renders_qwens_real_template_unchanged(scripted_model: Path) -> None:
-    engine = Engine(EngineSettings(scripted_model, 1, 1, 512, 8, 0.0, "Be brief.", "auto"))
+    engine = Engine(
+        EngineSettings(
+            path=scripted_model,
+            threads=1,
+            threads_batch=1,
+            ctx=512,
+            max_tokens=8,
+            temperature=0.0,
+            system_prompt="Be brief.",
+            chat_format="auto",
+        )
+    )
     try:
         assert engine.prompt_text("Hi") == (
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
@@ -202,7 +212,17 @@ def test_the_chat_path_renders_qwens_real_template_unchanged(scripted_model: Pat
         )
         # model.stop applies to every answer, besides a request's own.
         stopping = Engine(
-            EngineSettings(scripted_model, 1, 1, 512, 8, 0.0, "Be brief.", "auto", stop=(".",))
+            EngineSettings(
+                path=scripted_model,
+                threads=1,
+                threads_batch=1,
+                ctx=512,
+                max_tokens=8,
+                temperature=0.0,
+                system_prompt="Be brief.",
+                chat_format="auto",
+                stop=(".",),
+            )
         )
         try:
             answer = stopping.generate(
@@ -224,8 +244,17 @@ def test_checking_the_likeliest_tokens_chooses_as_the_whole_vocabulary_mask(
 ) -> None:
     """Greedy JSON answers are the same token for token, whichever way the grammar is applied
     (daemon/sampling.py): the shortcuts change the cost, not the answer."""
-    settings = EngineSettings(model_path, 1, 1, 1024, 48, 0.0, "Answer briefly.", "auto")
-    engine = Engine(settings, engine_module.TestHooks(ignore_eos=True))
+    settings = EngineSettings(
+        path=model_path,
+        threads=1,
+        threads_batch=1,
+        ctx=1024,
+        max_tokens=48,
+        temperature=0.0,
+        system_prompt="Answer briefly.",
+        chat_format="auto",
+    )
+    engine = Engine(settings, testhooks.TestHooks(ignore_eos=True))
     fmt = answer_format({"type": "json_schema", "schema": ALARM_SCHEMA}, max_schema_bytes=8192)
     answers = {}
     try:

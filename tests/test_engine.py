@@ -13,7 +13,7 @@ import llama_cpp
 import psutil
 import pytest
 
-from daemon import engine as engine_module
+from daemon import testhooks
 from daemon.bench import raw_llama
 from daemon.engine import Engine, EngineSettings
 from daemon.generation import Generation
@@ -23,8 +23,17 @@ QUESTIONS = ("What is a PLC?", "Name three safety rules.", "What is a PLC? Expla
 
 @pytest.fixture(scope="module")
 def engine(model_path: Path) -> Iterator[Engine]:
-    settings = EngineSettings(model_path, 1, 1, 1024, 64, 0.0, "Answer briefly.", "auto")
-    engine = Engine(settings, engine_module.TestHooks(ignore_eos=True))
+    settings = EngineSettings(
+        path=model_path,
+        threads=1,
+        threads_batch=1,
+        ctx=1024,
+        max_tokens=64,
+        temperature=0.0,
+        system_prompt="Answer briefly.",
+        chat_format="auto",
+    )
+    engine = Engine(settings, testhooks.TestHooks(ignore_eos=True))
     yield engine
     engine.close()
 
@@ -130,7 +139,15 @@ def test_a_smaller_batch_touches_less_scratch_memory_on_a_long_prompt(model_path
     growth_mib = {}
     for batch_tokens in (512, 128):
         settings = EngineSettings(
-            model_path, 1, 1, 1024, 1, 0.0, "Answer briefly.", "auto", batch_tokens=batch_tokens
+            path=model_path,
+            threads=1,
+            threads_batch=1,
+            ctx=1024,
+            max_tokens=1,
+            temperature=0.0,
+            system_prompt="Answer briefly.",
+            chat_format="auto",
+            batch_tokens=batch_tokens,
         )
         engine = Engine(settings)
         try:
@@ -148,7 +165,8 @@ from pathlib import Path
 
 from daemon.engine import Engine, EngineSettings
 
-engine = Engine(EngineSettings(Path(sys.argv[1]), 1, 1, 256, 4, 0.7, "Be brief.", "auto"))
+engine = Engine(EngineSettings(path=Path(sys.argv[1]), threads=1, threads_batch=1, ctx=256,
+    max_tokens=4, temperature=0.7, system_prompt="Be brief.", chat_format="auto"))
 answer = engine.generate(
     "Hi", max_tokens=4, temperature=0.7, on_text=lambda _t: None, should_stop=lambda: False
 )

@@ -21,7 +21,16 @@ def llama_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 def test_model_file_notes_are_debug_and_later_warnings_info(
     model_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = EngineSettings(model_path, 1, 1, 512, 8, 0.0, "Answer briefly.", "auto")
+    settings = EngineSettings(
+        path=model_path,
+        threads=1,
+        threads_batch=1,
+        ctx=512,
+        max_tokens=8,
+        temperature=0.0,
+        system_prompt="Answer briefly.",
+        chat_format="auto",
+    )
     with caplog.at_level(logging.DEBUG, logger="llama.cpp"):
         engine = Engine(settings)
     try:

@@ -11,8 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon import engine as engine_module
-from daemon import seqstate
+from daemon import seqstate, testhooks
 from daemon.bench_synth import tiny_qwen2
 from daemon.engine import Engine, EngineSettings
 from daemon.generation import Generation
@@ -27,8 +26,17 @@ LONG = (
 
 @pytest.fixture(scope="module")
 def engine(model_path: Path) -> Iterator[Engine]:
-    settings = EngineSettings(model_path, 2, 2, 2048, 128, 0.0, "Answer briefly.", "auto")
-    engine = Engine(settings, engine_module.TestHooks(ignore_eos=True))
+    settings = EngineSettings(
+        path=model_path,
+        threads=2,
+        threads_batch=2,
+        ctx=2048,
+        max_tokens=128,
+        temperature=0.0,
+        system_prompt="Answer briefly.",
+        chat_format="auto",
+    )
+    engine = Engine(settings, testhooks.TestHooks(ignore_eos=True))
     yield engine
     engine.close()
 
@@ -106,7 +114,18 @@ def test_another_models_state_is_refused(
     history = (("Hi?", "Hello."),)
     path = tmp_path / "tiny-qwen2.gguf"
     tiny_qwen2(path)
-    other = Engine(EngineSettings(path, 1, 1, 2048, 8, 0.0, "Answer briefly.", "auto"))
+    other = Engine(
+        EngineSettings(
+            path=path,
+            threads=1,
+            threads_batch=1,
+            ctx=2048,
+            max_tokens=8,
+            temperature=0.0,
+            system_prompt="Answer briefly.",
+            chat_format="auto",
+        )
+    )
     try:
         assert not seqstate.restore(other._ctx, state)
         # Its own generation goes on from nothing, and answers.

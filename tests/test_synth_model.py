@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import engine as engine_module
+from daemon import testhooks
 from daemon.bench_synth import qwen_vocabulary, tiny_qwen2
 from daemon.engine import Engine, EngineSettings
 from tests.conftest import DaemonFactory
@@ -39,8 +39,17 @@ def test_merges_are_rebuilt_from_the_token_ranks(tmp_path: Path) -> None:
 
 def test_the_engine_reads_a_qwen2_model_with_its_chatml_template(qwen2_path: Path) -> None:
     engine = Engine(
-        EngineSettings(qwen2_path, 1, 1, 512, 8, 0.0, "Be brief.", "auto"),
-        engine_module.TestHooks(ignore_eos=True),
+        EngineSettings(
+            path=qwen2_path,
+            threads=1,
+            threads_batch=1,
+            ctx=512,
+            max_tokens=8,
+            temperature=0.0,
+            system_prompt="Be brief.",
+            chat_format="auto",
+        ),
+        testhooks.TestHooks(ignore_eos=True),
     )
     try:
         assert engine.prompt_text("Hi") == (
