@@ -7,8 +7,8 @@ import json
 from typing import Any
 
 from daemon import exitcodes
-from daemon.askcli import EXIT_CODES, Target, describe_age, say
 from daemon.asker import UnavailableError, read_retained
+from daemon.cli.ask import EXIT_CODES, Target, describe_age, say
 
 
 def fleet_status(args: argparse.Namespace, target: Target) -> int:

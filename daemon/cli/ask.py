@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon import askformat, exitcodes
+from daemon import exitcodes
 from daemon.asker import (
     Answer,
     Login,
@@ -26,9 +26,10 @@ from daemon.asker import (
     offline_message,
     read_retained,
 )
+from daemon.cli import askformat
+from daemon.cli.printer import stream_printer
 from daemon.config import Config, ConfigError, load, sanitize_device_id
 from daemon.messages import ID_PATTERN, ID_RULE, new_request_id
-from daemon.printer import stream_printer
 from daemon.topics import Topics
 
 EXIT_CODES_HELP = f"""exit codes:
@@ -279,7 +280,7 @@ def run_status(args: argparse.Namespace) -> int:
     if target is None:
         return exitcodes.CONFIG_ERROR
     if args.fleet:
-        from daemon.fleetcli import fleet_status  # noqa: PLC0415 - it imports this module
+        from daemon.cli.fleet import fleet_status  # noqa: PLC0415 - it imports this module
 
         return fleet_status(args, target)
     topics = Topics(target.prefix)

@@ -14,7 +14,8 @@ import sys
 from typing import Any
 
 from daemon import exitcodes
-from daemon.askcli import (
+from daemon.asker import Answer, UnavailableError, ask
+from daemon.cli.ask import (
     EXIT_CODES,
     EXIT_CODES_HELP,
     Target,
@@ -23,9 +24,8 @@ from daemon.askcli import (
     conversation_id_arg,
     say,
 )
-from daemon.asker import Answer, UnavailableError, ask
+from daemon.cli.printer import stream_printer
 from daemon.messages import new_request_id
-from daemon.printer import stream_printer
 
 PROMPT = "> "
 
