@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from daemon.broker import JSON, Connection, Inbound
 from daemon.config import Config
+from daemon.jobs import Job
 from daemon.ledger import PacketLedger, RecentAnswers, digest
 from daemon.loglimit import LogLimiter
 from daemon.messages import (
@@ -27,7 +28,7 @@ from daemon.messages import (
     parse_request,
 )
 from daemon.ratelimit import RateLimiter
-from daemon.scheduler import Job, Scheduler
+from daemon.scheduler import Scheduler
 from daemon.stream import ConnectionOutlet, ReplyStream
 from daemon.topics import Topics, is_allowed_reply_topic, reply_topic_problem
 
