@@ -10,7 +10,6 @@ through an incremental UTF-8 decoder, so text goes out per token and never split
 from __future__ import annotations
 
 import codecs
-import contextlib
 import ctypes
 import logging
 import time
@@ -18,70 +17,26 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon import seqstate
 from daemon.config import DEFAULT_EXAMPLES, ModelConfig
 from daemon.framing import CompletionFrame, Example
 from daemon.generation import Generation
 from daemon.grammar import AnswerFormat, json_complete
+from daemon.kvcache import PromptCache
 from daemon.llamacpp import lib
 from daemon.messages import ErrorCode, RequestError
+from daemon.modelload import ModelLoadError, load_model
 from daemon.prompt import PromptBuilder, fallback_format
 from daemon.sampling import GrammarError, GrammarMode, Sampler
 from daemon.seqstate import SavedState
 from daemon.stops import AnswerText
 from daemon.testhooks import TestHooks
 
-log = logging.getLogger(__name__)
-llama_log = logging.getLogger("llama.cpp")
+# ModelLoadError comes from daemon.modelload; it is the engine's error for its callers too.
+__all__ = ["Engine", "EngineSettings", "ModelLoadError"]
 
-# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation. Warnings while a model loads
-# are notes on the file ("control-looking token ... probably a bug in the model") or on the
-# context it gets; they repeat at every start and there is nothing an operator can do, so they
-# are DEBUG. A warning at any other time is unusual and stays visible at INFO.
-_GGML_LEVELS = {3: logging.INFO, 4: logging.ERROR}
-_GGML_LEVELS_LOADING = {3: logging.DEBUG, 4: logging.ERROR}
-_llama_levels = _GGML_LEVELS
+log = logging.getLogger(__name__)
 
 _EXAMPLES = tuple(Example(e["question"], e["answer"]) for e in DEFAULT_EXAMPLES)
-
-
-@lib.llama_log_callback  # type: ignore[untyped-decorator]
-def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-    """llama.cpp's own log lines, into Python logging (journald), instead of raw stderr."""
-    try:
-        message = text.decode("utf-8", "replace").rstrip()
-        if message:
-            llama_log.log(_llama_levels.get(level, logging.DEBUG), "%s", message)
-    except Exception:  # noqa: BLE001 - an exception must never cross back into C
-        return
-
-
-@contextlib.contextmanager
-def _model_notes_at_debug() -> Iterator[None]:
-    """While a model loads, llama.cpp's warnings are notes on the file: DEBUG, not INFO."""
-    global _llama_levels  # noqa: PLW0603 - the C log callback has no object to hold it
-    _llama_levels = _GGML_LEVELS_LOADING
-    try:
-        yield
-    finally:
-        _llama_levels = _GGML_LEVELS
-
-
-def _assign(struct: ctypes.Structure, **values: int) -> None:
-    """Set fields of a llama.cpp parameter struct, refusing names it does not have: ctypes
-    would store an unknown name as a plain attribute that llama.cpp never sees."""
-    fields = {field[0] for field in struct._fields_}
-    for name, value in values.items():
-        if name not in fields:
-            raise ModelLoadError(
-                f"this llama-cpp-python has no {type(struct).__name__}.{name}; "
-                "install the version pyproject.toml asks for"
-            )
-        setattr(struct, name, value)
-
-
-class ModelLoadError(Exception):
-    """The model file is missing or llama.cpp cannot load it."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,20 +68,18 @@ class Engine:
         self.name = settings.path.stem.lower()
         self._threads = settings.threads
         self._wanted_threads = settings.threads
-        if not settings.path.is_file():
-            raise ModelLoadError(f"model file not found: {settings.path}")
-        lib.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
-        lib.llama_backend_init()
-        with _model_notes_at_debug():
-            self._model, self._ctx = self._load(settings)
+        self._model, self._ctx = load_model(
+            settings.path,
+            ctx=settings.ctx,
+            batch_tokens=settings.batch_tokens,
+            threads=settings.threads,
+            threads_batch=settings.threads_batch,
+            mmap=settings.mmap,
+            gpu_layers=settings.gpu_layers,
+        )
         self._closed = False
-        self._memory = lib.llama_get_memory(self._ctx)
         self._vocab: lib.llama_vocab_p = lib.llama_model_get_vocab(self._model)
-        self._cached: list[int] = []  # the tokens whose keys and values the KV cache holds
-        # Gemma 3's sliding-window layers attend to the last n_swa positions only; a saved
-        # state keeps just those, so a restored cache must not be cut back (see _safe_keep).
-        self._n_swa = lib.llama_model_n_swa(self._model)
-        self._step = (lib.llama_token * settings.batch_tokens)()
+        self._cache = PromptCache(self._ctx, self._model, batch_tokens=settings.batch_tokens)
         bos_id, eos_id = lib.llama_vocab_bos(self._vocab), lib.llama_vocab_eos(self._vocab)
         template = lib.llama_model_chat_template(self._model, None)
         add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
@@ -164,42 +117,6 @@ class Engine:
             settings.ctx,
             self._prompts.source,
         )
-
-    @staticmethod
-    def _load(settings: EngineSettings) -> tuple[lib.llama_model_p, lib.llama_context_p]:
-        model_params = lib.llama_model_default_params()
-        _assign(
-            model_params,
-            # A CPU-only build ignores it; a Jetson's CUDA build needs it to use the GPU at all.
-            n_gpu_layers=settings.gpu_layers,
-            # Read, not mapped: llama.cpp repacks some weights into a faster layout, and with a
-            # map their original pages stay resident beside the copy.
-            load_mode=lib.LLAMA_LOAD_MODE_MMAP if settings.mmap else lib.LLAMA_LOAD_MODE_NONE,
-        )
-        model = lib.llama_model_load_from_file(str(settings.path).encode(), model_params)
-        if not model:
-            raise ModelLoadError(
-                f"cannot load model {settings.path}: llama.cpp could not read it "
-                "(its log lines just before this one say why)"
-            )
-        context_params = lib.llama_context_default_params()
-        _assign(
-            context_params,
-            n_ctx=settings.ctx,
-            n_batch=settings.batch_tokens,
-            n_ubatch=settings.batch_tokens,
-            n_threads=settings.threads,
-            n_threads_batch=settings.threads_batch,
-            flash_attn_type=lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-        )
-        context = lib.llama_init_from_model(model, context_params)
-        if not context:
-            lib.llama_model_free(model)
-            raise ModelLoadError(
-                f"cannot load model {settings.path}: llama.cpp could not create a context of "
-                f"{settings.ctx} tokens for it"
-            )
-        return model, context
 
     def metadata(self, key: str) -> str | None:
         """One of the GGUF's metadata values, as text."""
@@ -278,8 +195,7 @@ class Engine:
 
     def forget_prompt_cache(self) -> None:
         """Drop the cached prompt prefix, so the next prompt is evaluated in full."""
-        lib.llama_memory_clear(self._memory, True)
-        self._cached = []
+        self._cache.forget()
 
     def warm_up(self) -> Generation:
         """Run a short generation so the first real question does not pay for cold caches."""
@@ -320,15 +236,7 @@ class Engine:
     def save_sequence(self, prefix: list[int]) -> SavedState | None:
         """A copy of the model state of `prefix` (a conversation's next prompt up to its
         question), or of as much of it as the KV cache holds; None: it holds none of it."""
-        keep = self._safe_keep(seqstate.common_prefix(self._cached, prefix))
-        if keep < len(self._cached):
-            # Answer tokens the next prompt reads differently (or never evaluated) go first,
-            # so that the state is the start of the next prompt and is only ever continued.
-            if keep == 0 or not lib.llama_memory_seq_rm(self._memory, -1, keep, -1):
-                self.forget_prompt_cache()
-                return None
-            del self._cached[keep:]
-        return seqstate.capture(self._ctx, self._cached)
+        return self._cache.save(prefix)
 
     def generate(
         self,
@@ -367,7 +275,7 @@ class Engine:
         stopped = False
         hit_length = False
         self._apply_threads()
-        cached_tokens = self._reuse(prompt, resume)
+        cached_tokens = self._cache.reuse(prompt, resume)
         sampler = self._sampler(temp, answer_format)
         tokens = self._decode(prompt, sampler)
         try:
@@ -439,62 +347,16 @@ class Engine:
             raise RequestError(ErrorCode.INVALID_REQUEST, f"format: {exc}") from exc
 
     def _decode(self, prompt: list[int], sampler: Sampler) -> Generator[int, None, None]:
-        """Evaluate the prompt after the part `_reuse` kept, then yield one token at a time."""
-        self._evaluate(prompt[len(self._cached) :])
+        """Evaluate the prompt after the part the cache kept, then yield one token at a time."""
+        self._evaluate(prompt[len(self._cache.tokens) :])
         while True:
             token = sampler.sample(self._ctx)
             yield token
             self._evaluate([token])
 
-    def _reuse(self, prompt: list[int], resume: SavedState | None) -> int:
-        """Keep the longest prefix of `prompt` whose state is at hand, from the KV cache or from
-        `resume`; returns how many prompt tokens need no computing."""
-        held = 0
-        if resume is not None:
-            held = resume.common_prefix(prompt)
-            if held < len(resume.tokens) and self._n_swa:
-                held = 0  # it would have to be cut back, which a restored state cannot be
-            held = min(held, len(prompt) - 1)
-        if resume is not None and held > self._cached_prefix(prompt):
-            if seqstate.restore(self._ctx, resume):
-                self._cached = list(resume.tokens)
-            else:
-                log.warning("llama.cpp refused a saved conversation state; reading it again")
-                self.forget_prompt_cache()
-        keep = self._safe_keep(self._cached_prefix(prompt))
-        if keep > 0 and lib.llama_memory_seq_rm(self._memory, -1, keep, -1):
-            del self._cached[keep:]
-            return keep
-        self.forget_prompt_cache()
-        return 0
-
-    def _safe_keep(self, keep: int) -> int:
-        """`keep`, or 0 when cutting the cache back to it would leave sliding-window layers
-        without keys that the next positions attend to: after a restore they hold only the
-        last n_swa positions (measured: restored and cut back, logits off by up to 14)."""
-        if keep >= len(self._cached) or not self._n_swa:
-            return keep
-        oldest = lib.llama_memory_seq_pos_min(self._memory, 0)
-        return keep if 0 <= oldest <= max(0, keep - self._n_swa) else 0
-
     def _evaluate(self, tokens: list[int]) -> None:
-        """Run tokens through the model, a step of at most batch_tokens at a time."""
-        step = self._step
-        for start in range(0, len(tokens), len(step)):
-            chunk = tokens[start : start + len(step)]
-            for index, token in enumerate(chunk):
-                step[index] = token
-            status = lib.llama_decode(self._ctx, lib.llama_batch_get_one(step, len(chunk)))
-            if status != 0:
-                # The cache may hold part of the step: start the next prompt from scratch.
-                self.forget_prompt_cache()
-                raise RuntimeError(f"llama_decode failed with status {status}")
-            self._cached.extend(chunk)
-
-    def _cached_prefix(self, prompt: list[int]) -> int:
-        """How many leading prompt tokens the KV cache already holds, leaving at least one to
-        evaluate (its logits pick the first token)."""
-        return min(seqstate.common_prefix(self._cached, prompt), len(prompt) - 1)
+        """Run tokens through the model (the conversation benchmark times prefill with it)."""
+        self._cache.evaluate(tokens)
 
     def _tokens(self, tokens: Iterator[int]) -> Iterator[int]:
         hooks = self.hooks

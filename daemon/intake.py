@@ -10,32 +10,28 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-from daemon.broker import JSON, Connection, Inbound
+from daemon.broker import JSON, Inbound
 from daemon.config import Config
+from daemon.jobs import Job
 from daemon.ledger import PacketLedger, RecentAnswers, digest
 from daemon.loglimit import LogLimiter
 from daemon.messages import (
-    ConversationInfo,
     Done,
     ErrorCode,
     Request,
     RequestError,
     StreamMessage,
-    Timing,
-    Usage,
     duplicate_id_payload,
     parse_request,
 )
+from daemon.outlet import ConnectionOutlet, IntakeConnection
 from daemon.ratelimit import RateLimiter
-from daemon.scheduler import Job, Scheduler
-from daemon.stream import ConnectionOutlet, ReplyStream
-from daemon.topics import Topics, is_allowed_reply_topic, reply_topic_problem
+from daemon.replyroutes import ReplyRoutes
+from daemon.scheduler import Scheduler
+from daemon.stream import ReplyStream
+from daemon.topics import Topics
 
 log = logging.getLogger(__name__)
-
-# Room a reply needs besides its topic and correlation data: a done with a short text, usage and
-# timing. A request whose reply topic and correlation data leave less is refused at intake.
-_MIN_REPLY_PAYLOAD_BYTES = 256
 
 
 class Intake:
@@ -46,7 +42,7 @@ class Intake:
         config: Config,
         topics: Topics,
         scheduler: Scheduler,
-        connection: Connection,
+        connection: IntakeConnection,
         *,
         packets: PacketLedger,
         answers: RecentAnswers,
@@ -54,7 +50,8 @@ class Intake:
         reply_prefixes: tuple[str, ...] | None = None,
     ) -> None:
         """One intake per ask topic: the kiosk's own P/ask, and F/ask in a fleet (with its own
-        connection, packet ids and topics; the recent answers are shared)."""
+        connection, packet ids and topics; the recent answers are shared). The daemon passes
+        its broker Connection; a unit test, a recorder of its own."""
         self._config = config
         self._topics = topics
         self._scheduler = scheduler
@@ -63,7 +60,7 @@ class Intake:
         self._packets = packets
         self._answers = answers
         self._device = device
-        self._reply_prefixes = reply_prefixes or config.reply_prefixes
+        self._routes = ReplyRoutes(topics, reply_prefixes or config.reply_prefixes, self._outlet)
         self._log = LogLimiter(log)
         self._rate_limiter: RateLimiter | None = None
         self.set_rate(config.limits.max_requests_per_s)
@@ -103,7 +100,7 @@ class Intake:
         if message.qos > 0:
             self._packets.hold(message.mid, message.payload)
         self._scheduler.reject(
-            self._stream(self._error_topic(error, message), request_id, message), error
+            self._stream(self._routes.error_topic(error, message), request_id, message), error
         )
 
     def dispatch(self, message: Inbound, others: Callable[[Inbound], None]) -> None:
@@ -147,7 +144,7 @@ class Intake:
                 exc.message,
                 extra={"request_id": exc.request_id, "code": str(exc.code)},
             )
-            stream = self._stream(self._error_topic(exc, message), exc.request_id, message)
+            stream = self._stream(self._routes.error_topic(exc, message), exc.request_id, message)
             self._scheduler.reject(stream, exc)
             return
         topic = self._reply_topic(request, message)
@@ -176,91 +173,37 @@ class Intake:
 
     def _reply_topic(self, request: Request, message: Inbound) -> str | None:
         """The stream's topic; None when the request has been refused here instead."""
-        response_topic = message.response_topic
-        error_id = request.id if request.id_chosen else None
-        # docs/protocol.md "Where errors go": the sender knows only an id it chose.
-        fallback = self._topics.answer(request.id) if request.id_chosen else self._topics.error
-        if response_topic is not None and not is_allowed_reply_topic(
-            response_topic, self._reply_prefixes
-        ):
-            error = RequestError(
-                ErrorCode.FORBIDDEN_REPLY_TOPIC,
-                reply_topic_problem(response_topic, self._reply_prefixes),
-                error_id,
-            )
+        route = self._routes.reply_topic(request, message)
+        if isinstance(route, str):
+            return route
+        error = route.error
+        extra = {"request_id": request.id, "code": str(error.code)}
+        if error.code is ErrorCode.FORBIDDEN_REPLY_TOPIC:
             self._log.log(
                 logging.WARNING,
                 "forbidden",
                 "request %s asked for forbidden reply topic %r",
                 request.id,
-                response_topic,
-                extra={"request_id": request.id, "code": str(error.code)},
+                message.response_topic,
+                extra=extra,
             )
-            self._scheduler.reject(self._stream(fallback, error_id, message), error)
-            return None
-        topic = response_topic or self._topics.answer(request.id)
-        problem = self._no_room(topic, message.correlation_data, request)
-        if problem is None:
-            return topic
-        # Answer on a topic and with correlation data that fit, so that the error can be sent.
-        error = RequestError(ErrorCode.TOO_LARGE, problem, error_id)
-        # An id-less sender cannot know P/answer/{generated id}: P/error, unless it named a topic.
-        knows_topic = request.id_chosen or response_topic is not None
-        error_topic = (
-            topic if knows_topic and self._no_room(topic, None, request) is None else fallback
-        )
-        keep_correlation = self._no_room(error_topic, message.correlation_data, request) is None
-        log.warning(
-            "request %s refused: %s%s",
-            request.id,
-            problem,
-            "" if keep_correlation else "; its error goes without the correlation data",
-            extra={"request_id": request.id, "code": str(error.code)},
-        )
+        else:
+            log.warning(
+                "request %s refused: %s%s",
+                request.id,
+                error.message,
+                "" if route.correlation_data else "; its error goes without the correlation data",
+                extra=extra,
+            )
         stream = self._stream(
-            error_topic,
-            error_id,
+            route.topic,
+            error.request_id,
             message,
-            correlation_data=keep_correlation,
-            max_message_bytes=request.max_message_bytes,
+            correlation_data=route.correlation_data,
+            max_message_bytes=route.max_message_bytes,
         )
         self._scheduler.reject(stream, error)
         return None
-
-    def _no_room(self, topic: str, correlation_data: bytes | None, request: Request) -> str | None:
-        """Why replies on `topic` with this correlation data cannot fit the limits."""
-        broker_limit = self._connection.max_packet_bytes
-        if (
-            broker_limit is not None
-            and self._outlet.packet_bytes(topic, _MIN_REPLY_PAYLOAD_BYTES, correlation_data)
-            > broker_limit
-        ):
-            limit, whose = broker_limit, "the broker's maximum packet size"
-        elif request.max_message_bytes is not None and (
-            self._outlet.packet_bytes(topic, _smallest_done_bytes(request), correlation_data)
-            > request.max_message_bytes
-        ):
-            limit, whose = request.max_message_bytes, "max_message_bytes"
-        else:
-            return None
-        return (
-            f"the reply topic ({len(topic.encode('utf-8'))} bytes) and correlation data "
-            f"({len(correlation_data or b'')} bytes) leave no room for an answer within "
-            f"{whose} of {limit} bytes; shorten them"
-        )
-
-    def _error_topic(self, error: RequestError, message: Inbound) -> str:
-        """Where an invalid request's error goes (docs/protocol.md, "Where errors go")."""
-        response_topic = message.response_topic
-        if error.code is ErrorCode.TOO_LARGE:
-            return self._topics.error  # docs/protocol.md: rejected unread, answered on P/error
-        if response_topic is not None and is_allowed_reply_topic(
-            response_topic, self._reply_prefixes
-        ):
-            return response_topic
-        if error.request_id is not None:
-            return self._topics.answer(error.request_id)
-        return self._topics.error
 
     # --- ids seen before --------------------------------------------------------------------
 
@@ -271,13 +214,7 @@ class Intake:
         if message.dup:
             acknowledge()  # the broker's copy of a question we hold under another packet id
             return
-        response_topic = message.response_topic
-        topic = (
-            response_topic
-            if response_topic is not None
-            and is_allowed_reply_topic(response_topic, self._reply_prefixes)
-            else self._topics.error
-        )
+        topic = self._routes.duplicate_topic(message)
         self._log.log(
             logging.WARNING,
             "duplicate",
@@ -316,14 +253,14 @@ class Intake:
     def _publish_once(
         self, topic: str, payload: bytes, message: Inbound, acknowledge: Callable[[], None]
     ) -> None:
-        delivery = self._connection.publish(
+        sent = self._connection.publish(
             topic,
             payload,
             correlation_data=message.correlation_data,
             content_type=JSON,
             on_delivered=acknowledge,
         )
-        if delivery.refused:
+        if sent.refused:
             acknowledge()
 
     # --- plumbing -------------------------------------------------------------------------
@@ -387,19 +324,6 @@ class Intake:
             on_delivered=self._acknowledger(message),
             device=self._device,
         )
-
-
-def _smallest_done_bytes(request: Request) -> int:
-    """The payload of a done with everything left out that may be (docs/protocol.md, "Tiny
-    devices"), with room for a restart flag, a long seq and one more character. A turn's
-    conversation block stays in, with room for long counts."""
-    conversation = None
-    if request.conversation_id is not None:
-        conversation = ConversationInfo(request.conversation_id, 99999, 999999, 99999, new=False)
-    smallest = Done(
-        "", "cancelled", Usage(0, 0), Timing(0.0, None, 0.0, None), conversation=conversation
-    ).smaller()[-1]
-    return len(smallest.to_payload(request.id, 99999, restart=True)) + 4
 
 
 def _question_digest(request: Request) -> bytes:

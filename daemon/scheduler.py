@@ -7,23 +7,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from daemon.generation import Generation, Generator
+from daemon.generation import Generator
+from daemon.jobs import CUT_SHORT, Job, Outcome, finish_unstarted, run_job
 from daemon.loglimit import LogLimiter
 from daemon.messages import (
     ConversationInfo,
-    Done,
     Error,
     ErrorCode,
     FinishReason,
     Queued,
-    Request,
     RequestError,
-    Timing,
-    Usage,
 )
-from daemon.stream import ChunkBuffer, ReplyStream
+from daemon.stream import ReplyStream
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +31,6 @@ _DEFAULT_REQUEST_S = 10.0
 # One that has not after this long is hung; waiting longer would only let systemd's stop timeout
 # (20 s in the unit) kill kioskd before it says offline.
 _STOP_WAIT_S = 5.0
-
-_CUT_SHORT = "kioskd is shutting down; the answer was cut short"
-
-
-@dataclass
-class Job:
-    """A request accepted into the scheduler, with its reply stream."""
-
-    request: Request
-    stream: ReplyStream
-    received_monotonic: float = field(default_factory=time.monotonic)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def deadline_monotonic(self) -> float | None:
-        if self.request.deadline_s is None:
-            return None
-        return self.received_monotonic + self.request.deadline_s
 
 
 @dataclass
@@ -278,7 +257,7 @@ class Scheduler:
         log.error("the generation thread did not stop within %.0f s of shutdown", _STOP_WAIT_S)
         if hung is not None:
             # Its own terminal message may never come; the stream refuses a second one if it does.
-            hung.stream.send(Error(ErrorCode.SHUTTING_DOWN, _CUT_SHORT))
+            hung.stream.send(Error(ErrorCode.SHUTTING_DOWN, CUT_SHORT))
         return False
 
     # --- the worker thread ---------------------------------------------------------------
@@ -325,11 +304,7 @@ class Scheduler:
                 self._cond.wait(timeout if timeout != float("inf") else None)
 
     def _run_job(self, job: Job) -> None:
-        request = job.request
-        started = time.monotonic()
-        self.last_progress_monotonic = started
-
-        chunks = ChunkBuffer(job.stream, flush_ms=self._flush_ms, max_chars=self._max_chunk_chars)
+        self.last_progress_monotonic = time.monotonic()
 
         def should_stop() -> bool:
             self.last_progress_monotonic = time.monotonic()
@@ -341,83 +316,31 @@ class Scheduler:
         generator = self._generator
         if generator is None:  # the worker only runs after start(); keeps mypy informed
             raise RuntimeError("scheduler started without a generator")
-        try:
-            result = generator.generate(
-                request.question,
-                max_tokens=request.max_tokens,
-                temperature=request.temperature,
-                on_text=chunks.add,
-                should_stop=should_stop,
-                stop=request.stop,
-                answer_format=request.answer_format,
-                conversation_id=request.conversation_id,
-            )
-        except RequestError as exc:
-            with self._cond:
-                self.counters.errors += 1
-            job.stream.send(Error(exc.code, exc.message))
-            return
-        except Exception as exc:
-            log.exception("generation failed for %s", request.id)
-            chunks.flush()  # the text so far, before the error that ends the stream
-            with self._cond:
-                self.counters.errors += 1
-            job.stream.send(Error(ErrorCode.MODEL_ERROR, f"the model failed: {exc}"))
-            return
-
-        chunks.flush()
-        if result.stopped and not job.cancelled.is_set():
-            with self._cond:
-                self.counters.errors += 1
-            job.stream.send(Error(ErrorCode.SHUTTING_DOWN, _CUT_SHORT))
-            self._log_end(job, "shutting_down", result, started)
-            return
-        reason: FinishReason
-        if result.stopped:
-            reason = "cancelled"
-        elif result.hit_length:
-            reason = "length"
-        else:
-            reason = "stop"
-        timing = _timing(job.received_monotonic, started, result)
-        usage = Usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
-        job.stream.send(
-            Done(
-                result.text,
-                reason,
-                usage,
-                timing,
-                json=result.json,
-                json_error=result.json_error,
-                conversation=result.conversation,
-            )
+        run_job(
+            job,
+            generator,
+            should_stop=should_stop,
+            flush_ms=self._flush_ms,
+            max_chunk_chars=self._max_chunk_chars,
+            record=self._record,
         )
+
+    def _record(self, outcome: Outcome) -> None:
+        """Count how a job that reached the model ended."""
         with self._cond:
-            if reason == "cancelled":
-                self.counters.cancelled += 1
+            counters = self.counters
+            if outcome.reason is None:
+                counters.errors += 1
+            elif outcome.reason == "cancelled":
+                counters.cancelled += 1
             else:
-                self.counters.answered += 1
-            self.counters.last_tokens_per_s = timing.tokens_per_s
-            self.counters.last_first_token_ms = timing.first_token_ms
-            # A slow moving average keeps retry_after_s steady.
-            self._request_s = 0.7 * self._request_s + 0.3 * (result.end_monotonic - started)
-        self._log_end(job, reason, result, started)
-
-    def _log_end(self, job: Job, reason: str, result: Generation, started: float) -> None:
-        first_ms = (
-            None
-            if result.first_token_monotonic is None
-            else round((result.first_token_monotonic - job.received_monotonic) * 1000)
-        )
-        log.info(
-            "request %s ended: %s, %d tokens, first token %s ms, total %d ms",
-            job.request.id,
-            reason,
-            result.completion_tokens,
-            first_ms,
-            round((result.end_monotonic - job.received_monotonic) * 1000),
-            extra={"request_id": job.request.id, "code": reason},
-        )
+                counters.answered += 1
+            if outcome.timing is not None:
+                counters.last_tokens_per_s = outcome.timing.tokens_per_s
+                counters.last_first_token_ms = outcome.timing.first_token_ms
+            if outcome.run_s is not None:
+                # A slow moving average keeps retry_after_s steady.
+                self._request_s = 0.7 * self._request_s + 0.3 * outcome.run_s
 
     # --- helpers, called with the lock held -----------------------------------------------
 
@@ -432,29 +355,14 @@ class Scheduler:
         self._update_next_deadline()
 
     def _finish_unstarted(self, job: Job, reason: FinishReason) -> None:
-        waited_ms = (time.monotonic() - job.received_monotonic) * 1000
         if reason == "cancelled":
             self.counters.cancelled += 1
         else:
             # It never reached the model: health counts it with the refused ones.
             self.counters.rejected += 1
         conversation_id = job.request.conversation_id
-        job.stream.send(
-            Done(
-                "",
-                reason,
-                Usage(0, 0),
-                Timing(waited_ms, None, waited_ms, None),
-                conversation=None if conversation_id is None else self._next_turn(conversation_id),
-            )
-        )
-        log.info(
-            "request %s ended: %s while queued after %d ms",
-            job.request.id,
-            reason,
-            round(waited_ms),
-            extra={"request_id": job.request.id, "code": reason},
-        )
+        conversation = None if conversation_id is None else self._next_turn(conversation_id)
+        finish_unstarted(job, reason, conversation)
 
     def _update_next_deadline(self) -> None:
         deadlines = [job.deadline_monotonic for job in self._queue]
@@ -467,17 +375,3 @@ class Scheduler:
 
 def _first_turn(conversation_id: str) -> ConversationInfo:
     return ConversationInfo(conversation_id, 1, 0, 0, new=True)
-
-
-def _timing(received: float, started: float, result: Generation) -> Timing:
-    first = result.first_token_monotonic
-    tokens_per_s = None
-    if first is not None and result.completion_tokens > 1 and result.end_monotonic > first:
-        # Decode speed: tokens after the first, over the time after the first.
-        tokens_per_s = (result.completion_tokens - 1) / (result.end_monotonic - first)
-    return Timing(
-        queued_ms=(started - received) * 1000,
-        first_token_ms=None if first is None else (first - received) * 1000,
-        total_ms=(result.end_monotonic - received) * 1000,
-        tokens_per_s=tokens_per_s,
-    )

@@ -6,62 +6,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
 
-from daemon.broker import JSON, Connection, Delivery
 from daemon.messages import Chunk, Done, Error, ErrorCode, StreamMessage
+from daemon.outlet import Outlet
 
 log = logging.getLogger(__name__)
-
-
-class Outlet(Protocol):
-    """Where a stream's messages go: the broker connection, or a recorder in unit tests."""
-
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        correlation_data: bytes | None,
-        on_delivered: Callable[[], None] | None,
-    ) -> Delivery: ...
-
-    def packet_bytes(self, topic: str, payload_bytes: int, correlation_data: bytes | None) -> int:
-        """The whole PUBLISH packet's size for a payload of this many bytes."""
-        ...
-
-    def max_packet_bytes(self) -> int | None:
-        """The largest packet the broker takes now; None when it has not said."""
-        ...
-
-
-class ConnectionOutlet:
-    """A broker connection as an Outlet: QoS 1 JSON messages."""
-
-    def __init__(self, connection: Connection) -> None:
-        self._connection = connection
-
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        correlation_data: bytes | None,
-        on_delivered: Callable[[], None] | None,
-    ) -> Delivery:
-        return self._connection.publish(
-            topic,
-            payload,
-            correlation_data=correlation_data,
-            content_type=JSON,
-            on_delivered=on_delivered,
-        )
-
-    def packet_bytes(self, topic: str, payload_bytes: int, correlation_data: bytes | None) -> int:
-        return self._connection.packet_bytes(
-            topic, payload_bytes, correlation_data=correlation_data, content_type=JSON
-        )
-
-    def max_packet_bytes(self) -> int | None:
-        return self._connection.max_packet_bytes
 
 
 class ReplyStream:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import engine as engine_module
+from daemon import llamalog
 from daemon.engine import Engine, EngineSettings
 
 GGML_LOG_LEVEL_WARN = 3
@@ -44,8 +44,8 @@ def test_model_file_notes_are_debug_and_later_warnings_info(
         caplog.clear()
         with caplog.at_level(logging.DEBUG, logger="llama.cpp"):
             # What llama.cpp calls when it warns or fails while answering.
-            engine_module._route_llama_log(GGML_LOG_LEVEL_WARN, b"a warning at run time\n", None)
-            engine_module._route_llama_log(GGML_LOG_LEVEL_ERROR, b"an error\n", None)
+            llamalog.route_llama_log(GGML_LOG_LEVEL_WARN, b"a warning at run time\n", None)
+            llamalog.route_llama_log(GGML_LOG_LEVEL_ERROR, b"an error\n", None)
         assert [(r.levelno, r.getMessage()) for r in llama_records(caplog)] == [
             (logging.INFO, "a warning at run time"),
             (logging.ERROR, "an error"),

@@ -155,7 +155,7 @@ def test_a_dropped_state_gives_its_memory_back_at_once(engine: Engine) -> None:
         before = process.memory_info().rss
         sizes = []
         for _ in range(20):
-            state = seqstate.capture(engine._ctx, engine._cached)
+            state = seqstate.capture(engine._ctx, engine._cache.tokens)
             assert state is not None
             sizes.append(state.nbytes)
             assert seqstate.restore(engine._ctx, state)
