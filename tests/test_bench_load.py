@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from daemon.bench_cgroup import CgroupError, CgroupMount, cpu_cgroup_mount, quota_groups
-from daemon.bench_contention import (
+from daemon.bench.cgroup import CgroupError, CgroupMount, cpu_cgroup_mount, quota_groups
+from daemon.bench.contention import (
     ContentionSample,
     contention_summary,
     cpu_hogs,

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from daemon.bench_conversation import run_many
-from daemon.bench_synth import tiny_qwen2
+from daemon.bench.conversation import run_many
+from daemon.bench.synth import tiny_qwen2
 from tests.conftest import DaemonFactory
 from tests.mqtt_client import TestClient, assert_well_formed
 

@@ -114,23 +114,23 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from daemon.bench import run_bench  # noqa: PLC0415 - loads llama.cpp
+    from daemon.bench.compare import run_bench  # noqa: PLC0415 - loads llama.cpp
 
     console_logging("WARNING")
     lengths = [int(n) for n in args.tokens.split(",")]
     if args.mode and args.mode[0] == "conversation":
         return _bench_conversation(args)
     if args.mode:
-        from daemon.bench_grammar import main as bench_grammar  # noqa: PLC0415
+        from daemon.bench.grammar import main as bench_grammar  # noqa: PLC0415
 
         return bench_grammar(args, max(lengths))
     if args.fleet:
-        from daemon.bench_fleet import main as bench_fleet  # noqa: PLC0415
+        from daemon.bench.fleet import main as bench_fleet  # noqa: PLC0415
 
         kiosks = [int(n) for n in args.kiosks.split(",")]
         return bench_fleet(kiosks=kiosks, reps=args.reps, out_dir=args.out)
     if args.web:
-        from daemon.bench_web import main as bench_web  # noqa: PLC0415
+        from daemon.bench.web import main as bench_web  # noqa: PLC0415
 
         return bench_web(reps=args.reps, tokens=max(lengths), out_dir=args.out, idle_s=args.idle_s)
     if args.prompt_reuse or args.threads_sweep:
@@ -138,7 +138,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.contention or args.chunking:
         return _bench_load(args, max(lengths))
     if args.telemetry_overhead:
-        from daemon.bench import run_telemetry_bench  # noqa: PLC0415
+        from daemon.bench.compare import run_telemetry_bench  # noqa: PLC0415
 
         telemetry = run_telemetry_bench(
             reps=args.reps,
@@ -208,7 +208,7 @@ def _bench(args: argparse.Namespace) -> int:
             f"{result['server_idle_cpu_percent_of_one_core']} % of a core"
         )
     try:
-        from daemon.bench_chart import render  # noqa: PLC0415
+        from daemon.bench.report import render  # noqa: PLC0415
 
         print(f"chart: {render(result, args.out / 'bench.png')}")
     except ImportError:
@@ -219,7 +219,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _bench_load(args: argparse.Namespace, tokens: int) -> int:
     # Imported here: these start daemons that load llama.cpp.
-    from daemon import bench_cgroup, bench_contention, bench_load  # noqa: PLC0415
+    from daemon.bench import cgroup as bench_cgroup  # noqa: PLC0415
+    from daemon.bench import chunking as bench_load  # noqa: PLC0415
+    from daemon.bench import contention as bench_contention  # noqa: PLC0415
 
     if args.contention:
         try:
@@ -258,7 +260,7 @@ def _bench_load(args: argparse.Namespace, tokens: int) -> int:
 
 
 def _bench_conversation(args: argparse.Namespace) -> int:
-    from daemon import bench_conversation  # noqa: PLC0415 - loads llama.cpp
+    from daemon.bench import conversation as bench_conversation  # noqa: PLC0415 - loads llama.cpp
     from daemon.config import default_threads  # noqa: PLC0415
     from daemon.models import resolve  # noqa: PLC0415
 
@@ -276,8 +278,8 @@ def _bench_conversation(args: argparse.Namespace) -> int:
 
 
 def _bench_model(args: argparse.Namespace) -> int:
-    from daemon.bench import write_result  # noqa: PLC0415
-    from daemon.bench_model import run_prompt_reuse, run_threads_sweep  # noqa: PLC0415
+    from daemon.bench.compare import write_result  # noqa: PLC0415
+    from daemon.bench.prompt_reuse import run_prompt_reuse, run_threads_sweep  # noqa: PLC0415
     from daemon.config import default_threads  # noqa: PLC0415
     from daemon.models import resolve  # noqa: PLC0415
 

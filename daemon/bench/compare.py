@@ -29,9 +29,9 @@ import psutil
 import yaml
 
 from daemon.asker import Answer, ask
+from daemon.bench.localbroker import LocalBroker, free_port
 from daemon.config import LimitsConfig, default_threads
 from daemon.engine import Engine, EngineSettings
-from daemon.localbroker import LocalBroker, free_port
 from daemon.models import resolve
 from daemon.testhooks import TestHooks
 
@@ -415,7 +415,7 @@ def run_bench(
             _raw_sample(raw, prompt, 8)  # warm every side before measuring
             _mqtt_sample(port, 8)
             if vs_server:
-                from daemon.bench_server import BRIDGE_PREFIX, Bridge, llama_server  # noqa: PLC0415
+                from daemon.bench.server import BRIDGE_PREFIX, Bridge, llama_server  # noqa: PLC0415
 
                 server_port, server_pid = extra.enter_context(
                     llama_server(workdir, resolved, thread_count)

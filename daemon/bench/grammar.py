@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.bench import SYSTEM_PROMPT, command_line, machine, rotated, write_result
+from daemon.bench.compare import SYSTEM_PROMPT, command_line, machine, rotated, write_result
 from daemon.config import Config, default_threads
 from daemon.engine import Engine, EngineSettings
 from daemon.grammar import answer_format

@@ -28,7 +28,7 @@ import yaml
 
 from daemon import exitcodes
 from daemon.asker import read_retained
-from daemon.localbroker import LocalBroker, free_port, wait_listening
+from daemon.bench.localbroker import LocalBroker, free_port, wait_listening
 
 QUESTION = "What is MQTT?"
 _MIB = 1024 * 1024

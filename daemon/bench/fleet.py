@@ -27,8 +27,8 @@ from typing import Any
 import yaml
 
 from daemon import exitcodes
+from daemon.bench.localbroker import LocalBroker, free_port
 from daemon.broker import Connection, Inbound
-from daemon.localbroker import LocalBroker, free_port
 
 _TOKEN_DELAY_MS = 250
 _TOKENS = 6  # about 1.5 s an answer: the delay, not the CPU, sets the pace

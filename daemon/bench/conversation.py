@@ -29,10 +29,10 @@ import yaml
 
 from daemon import seqstate
 from daemon.asker import ask
-from daemon.bench import command_line, machine, rotated, write_result
+from daemon.bench.compare import command_line, machine, rotated, write_result
+from daemon.bench.localbroker import LocalBroker, free_port
 from daemon.conversations import ConversationStore
 from daemon.engine import Engine, EngineSettings
-from daemon.localbroker import LocalBroker, free_port
 from daemon.testhooks import TestHooks
 from daemon.turns import Turns
 

@@ -12,7 +12,7 @@ from typing import Any
 import llama_cpp
 import psutil
 
-from daemon.bench import raw_llama, rotated
+from daemon.bench.compare import raw_llama, rotated
 from daemon.engine import Engine, EngineSettings
 from daemon.testhooks import TestHooks
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.bench import (
+from daemon.bench.compare import (
     _daemon,
     ask_streamed,
     command_line,
@@ -26,8 +26,8 @@ from daemon.bench import (
     rotated,
     write_result,
 )
+from daemon.bench.localbroker import LocalBroker, free_port
 from daemon.config import default_threads
-from daemon.localbroker import LocalBroker, free_port
 from daemon.models import resolve
 
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import psutil
 
-from daemon.bench import (
+from daemon.bench.cgroup import CFS_PERIOD_US, QuotaGroup, cpu_cgroup_mount, quota_groups
+from daemon.bench.compare import (
     _daemon,
     _mqtt_sample,
     command_line,
@@ -31,8 +32,7 @@ from daemon.bench import (
     rotated,
     write_result,
 )
-from daemon.bench_cgroup import CFS_PERIOD_US, QuotaGroup, cpu_cgroup_mount, quota_groups
-from daemon.localbroker import LocalBroker, free_port
+from daemon.bench.localbroker import LocalBroker, free_port
 from daemon.models import resolve
 
 # None unsets the variable: "default" is libgomp as shipped, whatever the calling shell has set.
