@@ -1,7 +1,7 @@
-"""`kioskd bench --contention`: decode beside other CPU load, per OpenMP setting.
+"""`kioskd bench contention`: decode beside other CPU load, per OpenMP setting.
 
 Daemons identical except for their OpenMP environment (and, with --cpu-quota, each in its own
-cgroup) are asked in turn, quiet and beside busy processes, rotating the order every
+cgroup: cgroup.py) are asked in turn, quiet and beside busy processes, rotating the order every
 repetition so that this machine's drift hits every cell alike.
 """
 
@@ -12,28 +12,34 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psutil
 
-from daemon.bench.cgroup import CFS_PERIOD_US, QuotaGroup, cpu_cgroup_mount, quota_groups
-from daemon.bench.compare import (
-    _daemon,
-    _mqtt_sample,
+from daemon.bench.cgroup import (
+    CFS_PERIOD_US,
+    GroupCheck,
+    QuotaGroup,
+    cpu_cgroup_mount,
+    quota_groups,
+)
+from daemon.bench.harness import (
+    FLATTEN,
+    DaemonSpec,
+    Machine,
     command_line,
+    interleave,
     machine,
-    median_or_none,
-    rotated,
+    mqtt_sample,
+    private_daemons,
+    resolve_model,
     write_result,
 )
-from daemon.bench.localbroker import LocalBroker, free_port
-from daemon.models import resolve
+from daemon.bench.stats import Ratio, median_or_none, paired_ratio
 
 # None unsets the variable: "default" is libgomp as shipped, whatever the calling shell has set.
 # "passive" is exactly what systemd/kioskd.service sets; the spin-* ones sit in between: workers
@@ -75,7 +81,100 @@ class ContentionSample:
 
 
 @dataclass(frozen=True)
-class _Target:
+class OpenMP:
+    """The OpenMP runtime a daemon has mapped and the OpenMP variables it really got."""
+
+    runtime: str | None
+    env: dict[str, str]
+
+
+@dataclass
+class AtMeasure:
+    """What the checks after every question found, every distinct value once."""
+
+    pid_cgroups: list[str] = field(default_factory=list)
+    quota_files: list[dict[str, str]] = field(default_factory=list)
+    threads_max: int = 0
+
+    def note(self, check: GroupCheck) -> None:
+        if check.pid_cgroup not in self.pid_cgroups:
+            self.pid_cgroups.append(check.pid_cgroup)
+        if check.quota_files not in self.quota_files:
+            self.quota_files.append(check.quota_files)
+        self.threads_max = max(self.threads_max, check.threads)
+
+
+@dataclass(frozen=True)
+class GroupPlace:
+    path: str
+    cgroup: str
+    pid: int
+    quota_files: dict[str, str]
+    at_measure: AtMeasure = field(default_factory=AtMeasure)
+
+
+@dataclass(frozen=True)
+class CpuQuota:
+    percent: float
+    period_us: int
+    quota_us: int
+    kind: str  # "v2" or "v1"
+    mount: str
+    groups: dict[str, GroupPlace] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VsDefault:
+    """One variant's decode speed over the "default" variant's, quiet and loaded."""
+
+    over_default_quiet: float
+    over_default_quiet_median_of_pairs: float
+    over_default_loaded: float
+    over_default_loaded_median_of_pairs: float
+
+    def quiet(self) -> Ratio:
+        return Ratio(self.over_default_quiet, self.over_default_quiet_median_of_pairs)
+
+    def loaded(self) -> Ratio:
+        return Ratio(self.over_default_loaded, self.over_default_loaded_median_of_pairs)
+
+
+@dataclass(frozen=True)
+class ContentionRow:
+    quiet_tokens_per_s_median: float
+    loaded_tokens_per_s_median: float
+    loaded_over_quiet: float
+    loaded_over_quiet_median_of_pairs: float
+    vs_default: VsDefault | None = field(metadata=FLATTEN)  # only when "default" was measured
+    quiet_throttled_share_median: float | None
+    loaded_throttled_share_median: float | None
+
+    def loss(self) -> Ratio:
+        """Loaded over quiet."""
+        return Ratio(self.loaded_over_quiet, self.loaded_over_quiet_median_of_pairs)
+
+
+@dataclass(frozen=True)
+class ContentionResult:
+    command: str
+    model: str
+    threads: int
+    hogs: int
+    tokens: int
+    reps: int
+    machine: Machine
+    variants: list[str]
+    variant_env: dict[str, dict[str, str | None]]  # null: unset
+    caller_openmp_env: dict[str, str]
+    # What each daemon really ran with; other OpenMP settings of the caller reach them all.
+    daemon_openmp: dict[str, OpenMP]
+    cpu_quota: CpuQuota | None  # null: no quota, the daemons in the caller's cgroup
+    summary: dict[str, ContentionRow]
+    samples: list[ContentionSample]
+
+
+@dataclass(frozen=True)
+class _Daemon:
     variant: str
     pid: int
     group: QuotaGroup | None
@@ -102,19 +201,16 @@ def cpu_hogs(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
             hog.wait()
 
 
-def _openmp_of(pid: int) -> dict[str, Any]:
-    """The OpenMP runtime a daemon has mapped and the OpenMP variables it really got.
-
-    The settings act only on an OpenMP runtime (this llama-cpp-python build links libgomp), and
-    reading them back from the process shows the "default" variant ran without them.
-    """
+def _openmp_of(pid: int) -> OpenMP:
+    """The settings act only on an OpenMP runtime (this llama-cpp-python build links libgomp),
+    and reading them back from the process shows the "default" variant ran without them."""
     process = psutil.Process(pid)
     runtime = None
     for region in process.memory_maps(grouped=True):
         name = Path(region.path).name
         if name.startswith(("libgomp", "libomp", "libiomp")):
             runtime = name
-    return {"runtime": runtime, "env": _openmp_env(process.environ())}
+    return OpenMP(runtime, _openmp_env(process.environ()))
 
 
 def _openmp_env(environ: dict[str, str]) -> dict[str, str]:
@@ -122,16 +218,16 @@ def _openmp_env(environ: dict[str, str]) -> dict[str, str]:
 
 
 def _contention_sample(
-    port: int, tokens: int, target: _Target, *, load: str, hogs: int, rep: int
-) -> tuple[ContentionSample, dict[str, Any] | None]:
+    port: int, tokens: int, daemon: _Daemon, *, load: str, hogs: int, rep: int
+) -> tuple[ContentionSample, GroupCheck | None]:
     """One question; with a quota group, also how throttled the daemon got and where it was."""
-    group = target.group
+    variant, group = daemon.variant, daemon.group
     with cpu_hogs(hogs if load == "loaded" else 0):
         before = group.throttling() if group else None
-        sample = _mqtt_sample(port, tokens, _variant_prefix(target.variant), target.variant)
+        sample = mqtt_sample(port, tokens, _variant_prefix(variant), variant)
         after = group.throttling() if group else None
         # Still at the measurement, hogs running: every thread inside, the quota unchanged.
-        check = group.check(target.pid) if group else None
+        check = group.check(daemon.pid) if group else None
     share = throttled_ms = None
     if before and after:
         periods = after[0] - before[0]
@@ -139,7 +235,7 @@ def _contention_sample(
         throttled_ms = round(after[2] - before[2], 1)
     result = ContentionSample(
         rep,
-        target.variant,
+        variant,
         load,
         sample.decode_tokens_per_s,
         round(sample.first_token_ms, 1),
@@ -149,35 +245,15 @@ def _contention_sample(
     return result, check
 
 
-def _note_check(seen: dict[str, dict[str, Any]], variant: str, check: dict[str, Any]) -> None:
-    """Gather what the checks at measure time found, every distinct value once."""
-    entry = seen.setdefault(variant, {"pid_cgroups": [], "quota_files": [], "threads_max": 0})
-    for key, value in (("pid_cgroups", check["pid_cgroup"]), ("quota_files", check["quota_files"])):
-        if value not in entry[key]:
-            entry[key].append(value)
-    entry["threads_max"] = max(entry["threads_max"], check["threads"])
-
-
 def _variant_prefix(variant: str) -> str:
     return f"bench/openmp-{variant}"
 
 
-def _ratio(numerators: list[float], denominators: list[float]) -> dict[str, float]:
-    """Ratio of the medians, and the median of the per-repetition ratios (cancels drift)."""
-    pairs = [n / d for n, d in zip(numerators, denominators, strict=True)]
-    return {
-        "ratio_of_medians": round(
-            statistics.median(numerators) / statistics.median(denominators), 3
-        ),
-        "ratio_median_of_pairs": round(statistics.median(pairs), 3),
-    }
-
-
-def contention_summary(samples: list[ContentionSample], variants: Sequence[str]) -> dict[str, Any]:
-    """Per variant: medians quiet and loaded, the loss under load, and the ratio to "default".
-
-    The ratios to "default" are there only when "default" was measured.
-    """
+def contention_summary(
+    samples: list[ContentionSample], variants: Sequence[str]
+) -> dict[str, ContentionRow]:
+    """Per variant: medians quiet and loaded, the loss under load, and the ratio to "default"
+    (only when "default" was measured)."""
 
     def of(variant: str, load: str) -> list[ContentionSample]:
         # Samples are in repetition order, so the lists pair up by repetition.
@@ -186,29 +262,49 @@ def contention_summary(samples: list[ContentionSample], variants: Sequence[str])
     def rates(variant: str, load: str) -> list[float]:
         return [s.decode_tokens_per_s for s in of(variant, load)]
 
-    summary: dict[str, Any] = {}
+    summary: dict[str, ContentionRow] = {}
     for variant in variants:
         quiet, loaded = rates(variant, "quiet"), rates(variant, "loaded")
-        loss = _ratio(loaded, quiet)
-        row: dict[str, Any] = {
-            "quiet_tokens_per_s_median": round(statistics.median(quiet), 2),
-            "loaded_tokens_per_s_median": round(statistics.median(loaded), 2),
-            "loaded_over_quiet": loss["ratio_of_medians"],
-            "loaded_over_quiet_median_of_pairs": loss["ratio_median_of_pairs"],
-        }
+        loss = paired_ratio(loaded, quiet, 3)
+        vs_default = None
         if "default" in variants:
-            for load in LOADS:
-                ratio = _ratio(rates(variant, load), rates("default", load))
-                row[f"over_default_{load}"] = ratio["ratio_of_medians"]
-                row[f"over_default_{load}_median_of_pairs"] = ratio["ratio_median_of_pairs"]
-        for load in LOADS:
-            shares = [s.throttled_share for s in of(variant, load)]
-            row[f"{load}_throttled_share_median"] = median_or_none(shares)
-        summary[variant] = row
+            over_quiet = paired_ratio(quiet, rates("default", "quiet"), 3)
+            over_loaded = paired_ratio(loaded, rates("default", "loaded"), 3)
+            vs_default = VsDefault(
+                over_quiet.of_medians,
+                over_quiet.median_of_pairs,
+                over_loaded.of_medians,
+                over_loaded.median_of_pairs,
+            )
+        summary[variant] = ContentionRow(
+            quiet_tokens_per_s_median=round(statistics.median(quiet), 2),
+            loaded_tokens_per_s_median=round(statistics.median(loaded), 2),
+            loaded_over_quiet=loss.of_medians,
+            loaded_over_quiet_median_of_pairs=loss.median_of_pairs,
+            vs_default=vs_default,
+            quiet_throttled_share_median=median_or_none(
+                [s.throttled_share for s in of(variant, "quiet")]
+            ),
+            loaded_throttled_share_median=median_or_none(
+                [s.throttled_share for s in of(variant, "loaded")]
+            ),
+        )
     return summary
 
 
-def run_contention_bench(
+def _label(cell: tuple[str, str], sample: ContentionSample) -> str:
+    throttled = (
+        f", throttled {sample.throttled_share:5.1%} of periods"
+        if sample.throttled_share is not None
+        else ""
+    )
+    return (
+        f"{cell[0]:9} {cell[1]:6} {sample.decode_tokens_per_s:6.1f} tok/s, "
+        f"first {sample.first_chunk_ms:6.1f} ms{throttled}"
+    )
+
+
+def run_contention(
     *,
     reps: int,
     tokens: int,
@@ -218,8 +314,9 @@ def run_contention_bench(
     out_dir: Path,
     variants: Sequence[str] = ("default", "passive"),
     cpu_quota: float | None = None,
-) -> dict[str, Any]:
-    """Decode speed with and without `hogs` busy processes, for each OpenMP variant.
+) -> ContentionResult:
+    """Decode speed with and without `hogs` busy processes, for each OpenMP variant; writes
+    bench-contention.json.
 
     cpu_quota: percent of one CPU; each daemon then runs in its own fresh cgroup with that CPU
     bandwidth limit (as systemd's CPUQuota= does), the hogs outside them.
@@ -229,142 +326,59 @@ def run_contention_bench(
         raise ValueError(f"unknown OpenMP variant(s) {unknown}; known: {list(OPENMP_VARIANTS)}")
     # The collapse needs the model's threads to want every core while something else wants one.
     thread_count = threads or os.cpu_count() or 1
-    cells = [(variant, load) for variant in variants for load in LOADS]
-    samples: list[ContentionSample] = []
-    openmp: dict[str, dict[str, Any]] = {}
-    seen: dict[str, dict[str, Any]] = {}
-    quota: dict[str, Any] | None = None
-    with (
-        tempfile.TemporaryDirectory(prefix="kioskd-bench-") as tmp,
-        contextlib.ExitStack() as stack,
-    ):
+    quota: CpuQuota | None = None
+    with contextlib.ExitStack() as stack:
         groups: dict[str, QuotaGroup] = {}
         if cpu_quota is not None:
             # Entered first, so it is left last: after the daemons in it have stopped; and
             # before anything slow, so that a machine without a writable cgroup says so at once.
             mount = cpu_cgroup_mount()
             groups = stack.enter_context(quota_groups(cpu_quota, variants, mount))
-            quota = {
-                "percent": cpu_quota,
-                "period_us": CFS_PERIOD_US,
-                "quota_us": next(iter(groups.values())).quota_us,
-                "kind": mount.kind,
-                "mount": str(mount.mountpoint),
-                "groups": {},
-            }
-        resolved = resolve(model).path
-        workdir = Path(tmp)
-        broker = stack.enter_context(LocalBroker(free_port(), workdir))
-        targets: dict[str, _Target] = {}
+            quota_us = next(iter(groups.values())).quota_us
+            quota = CpuQuota(cpu_quota, CFS_PERIOD_US, quota_us, mount.kind, str(mount.mountpoint))
+        resolved = resolve_model(model)
+        specs = [DaemonSpec(_variant_prefix(v), env=OPENMP_VARIANTS[v]) for v in variants]
+        run = stack.enter_context(
+            private_daemons(specs, model=resolved, threads=thread_count, max_tokens=tokens)
+        )
+        daemons: dict[str, _Daemon] = {}
         for variant in variants:
-            daemon = stack.enter_context(
-                _daemon(
-                    workdir,
-                    broker.port,
-                    resolved,
-                    thread_count,
-                    tokens,
-                    prefix=_variant_prefix(variant),
-                    env=OPENMP_VARIANTS[variant],
-                )
-            )
-            openmp[variant] = _openmp_of(daemon.pid)
+            pid = run.processes[_variant_prefix(variant)].pid
             group = groups.get(variant)
             if group and quota is not None:
-                group.add(daemon.pid)
-                quota["groups"][variant] = {
-                    "path": str(group.path),
-                    "cgroup": group.cgroup,
-                    "pid": daemon.pid,
-                    "quota_files": group.quota_files(),
-                }
-            targets[variant] = _Target(variant, daemon.pid, group)
-        for rep in range(reps):
-            for variant, load in rotated(cells, rep):
-                sample, check = _contention_sample(
-                    broker.port, tokens, targets[variant], load=load, hogs=hogs, rep=rep
-                )
-                samples.append(sample)
-                if check:
-                    _note_check(seen, variant, check)
-                throttled = (
-                    f", throttled {sample.throttled_share:5.1%} of periods"
-                    if sample.throttled_share is not None
-                    else ""
-                )
-                print(
-                    f"rep {rep + 1}/{reps} {variant:9} {load:6} "
-                    f"{sample.decode_tokens_per_s:6.1f} tok/s, "
-                    f"first {sample.first_chunk_ms:6.1f} ms{throttled}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    if quota is not None:
-        for variant, found in seen.items():
-            # Read back from /proc/PID/task/*/cgroup and the quota files after every question.
-            quota["groups"][variant]["at_measure"] = found
-    result = {
-        "command": command_line(),
-        "model": str(resolved),
-        "threads": thread_count,
-        "hogs": hogs,
-        "tokens": tokens,
-        "reps": reps,
-        "machine": machine(),
-        "variants": list(variants),
-        "variant_env": {variant: OPENMP_VARIANTS[variant] for variant in variants},  # null: unset
-        "caller_openmp_env": _openmp_env(dict(os.environ)),
-        # What each daemon really ran with; other OpenMP settings of the caller reach them all.
-        "daemon_openmp": openmp,
-        "cpu_quota": quota,  # null: no quota, the daemons in the caller's cgroup
-        "summary": contention_summary(samples, variants),
-        "samples": [asdict(s) for s in samples],
-    }
+                group.add(pid)
+                place = GroupPlace(str(group.path), group.cgroup, pid, group.quota_files())
+                quota.groups[variant] = place
+            daemons[variant] = _Daemon(variant, pid, group)
+        openmp = {variant: _openmp_of(daemon.pid) for variant, daemon in daemons.items()}
+
+        def measure(cell: tuple[str, str], rep: int) -> ContentionSample:
+            variant, load = cell
+            sample, check = _contention_sample(
+                run.port, tokens, daemons[variant], load=load, hogs=hogs, rep=rep
+            )
+            if check and quota is not None:
+                # Read back from /proc/PID/task/*/cgroup and the quota files after every question.
+                quota.groups[variant].at_measure.note(check)
+            return sample
+
+        cells = [(variant, load) for variant in variants for load in LOADS]
+        samples = [sample for _cell, sample in interleave(cells, reps, measure, _label)]
+    result = ContentionResult(
+        command=command_line(),
+        model=str(resolved),
+        threads=thread_count,
+        hogs=hogs,
+        tokens=tokens,
+        reps=reps,
+        machine=machine(),
+        variants=list(variants),
+        variant_env={variant: OPENMP_VARIANTS[variant] for variant in variants},
+        caller_openmp_env=_openmp_env(dict(os.environ)),
+        daemon_openmp=openmp,
+        cpu_quota=quota,
+        summary=contention_summary(samples, variants),
+        samples=samples,
+    )
     write_result(result, out_dir, "bench-contention.json")
     return result
-
-
-def render_contention(result: dict[str, Any]) -> str:
-    """The contention summary as a short table: medians, and in brackets medians of pairs."""
-    summary = result["summary"]
-    quota = result.get("cpu_quota")
-    limit = (
-        f", CPU quota {quota['percent']:g}% per daemon (cgroup {quota['kind']})"
-        if quota
-        else ", no CPU quota"
-    )
-    lines = [
-        f"{result['tokens']} tokens, {result['threads']} model threads, {result['hogs']} hog(s), "
-        f"{result['reps']} reps{limit}",
-        f"{'variant':<9} {'quiet':>6} {'loaded':>6} {'loaded/quiet':>15} "
-        f"{'quiet/default':>15} {'loaded/default':>15}" + ("  throttled q/l" if quota else ""),
-    ]
-    for variant in result["variants"]:
-        row = summary[variant]
-        line = (
-            f"{variant:<9} {row['quiet_tokens_per_s_median']:>6.1f} "
-            f"{row['loaded_tokens_per_s_median']:>6.1f} "
-            f"{_paired(row, 'loaded_over_quiet', 'loaded_over_quiet_median_of_pairs'):>15} "
-            f"{_paired(row, 'over_default_quiet', 'over_default_quiet_median_of_pairs'):>15} "
-            f"{_paired(row, 'over_default_loaded', 'over_default_loaded_median_of_pairs'):>15}"
-        )
-        if quota:
-            line += (
-                f"  {_percent(row['quiet_throttled_share_median'])}/"
-                f"{_percent(row['loaded_throttled_share_median'])}"
-            )
-        lines.append(line)
-    lines.append("tok/s: decode medians; ratios: of medians (median of per-rep pairs)")
-    if quota:
-        lines.append("throttled: median share of 100 ms periods the daemon ran out of quota")
-    return "\n".join(lines)
-
-
-def _paired(row: dict[str, Any], key: str, pairs_key: str) -> str:
-    if key not in row:
-        return "-"
-    return f"{row[key]:.2f} ({row[pairs_key]:.2f})"
-
-
-def _percent(share: float | None) -> str:
-    return "-" if share is None else f"{share:.0%}"

@@ -1,5 +1,4 @@
-"""`kioskd bench grammar`: decode speed of JSON answers under a grammar against free decoding;
-`kioskd bench answers`: how long the embedded model's answers are, and whether they end.
+"""`kioskd bench grammar`: decode speed of JSON answers under a grammar against free decoding.
 
 Four ways to pick each token, interleaved on every model in one run so that machine noise hits
 all alike: free (no grammar), and the three GrammarModes of daemon/sampling.py: candidates (the
@@ -13,22 +12,24 @@ the token limit, but its vocabulary costs what the real model's does).
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.bench.compare import SYSTEM_PROMPT, command_line, machine, rotated, write_result
-from daemon.config import Config, default_threads
-from daemon.engine import Engine, EngineSettings
+from daemon.bench.harness import (
+    Machine,
+    bench_engine,
+    command_line,
+    interleave,
+    machine,
+    write_result,
+)
+from daemon.engine import Engine
 from daemon.grammar import answer_format
 from daemon.llamacpp import lib
-from daemon.models import resolve
 from daemon.sampling import GrammarMode, Sampler
-from daemon.testhooks import TestHooks
 
 QUESTION = "Classify this alarm: hydraulic press 3 on line 2 reports oil at 95 C. Answer in JSON."
 SCHEMA: dict[str, Any] = {
@@ -46,7 +47,7 @@ MODES = ("free", *(mode.value for mode in GrammarMode))
 
 
 @dataclass(frozen=True)
-class Sample:
+class GrammarSample:
     model: str
     mode: str
     tokens: int
@@ -55,7 +56,7 @@ class Sample:
     masked: int  # tokens chosen under the whole vocabulary's mask
 
 
-def _sample(engine: Engine, mode: str, tokens: int) -> Sample:
+def _sample(engine: Engine, mode: str, tokens: int) -> GrammarSample:
     if mode != "free":
         engine.grammar_mode = GrammarMode(mode)
     fmt = (
@@ -76,7 +77,7 @@ def _sample(engine: Engine, mode: str, tokens: int) -> Sample:
         raise RuntimeError(f"{engine.name} {mode}: {result.completion_tokens} tokens")
     rate = (result.completion_tokens - 1) / (result.end_monotonic - first)
     checked, masked = engine.grammar_counts
-    return Sample(engine.name, mode, result.completion_tokens, rate, checked, masked)
+    return GrammarSample(engine.name, mode, result.completion_tokens, rate, checked, masked)
 
 
 def _setup_ms(engine: Engine, reps: int = 20) -> float:
@@ -88,231 +89,118 @@ def _setup_ms(engine: Engine, reps: int = 20) -> float:
     return round((time.perf_counter() - started) * 1000 / reps, 2)
 
 
-def _summary(samples: list[Sample]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ModeFigures:
+    """One grammar mode on one model: median tok/s, ratio to free decoding, share unmasked."""
+
+    tokens_per_s: float
+    ratio_over_free: float
+    unmasked_share: float
+
+
+@dataclass(frozen=True)
+class GrammarRow:
+    vocab: int
+    grammar_setup_ms: float
+    free_tokens_per_s: float
+    modes: dict[str, ModeFigures]  # by GrammarMode value
+    json_tokens_median: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The keys of bench-grammar.json: {mode}_tokens_per_s, ratio_{mode}_over_free, ..."""
+        out: dict[str, Any] = {
+            "vocab": self.vocab,
+            "grammar_setup_ms": self.grammar_setup_ms,
+            "free_tokens_per_s": self.free_tokens_per_s,
+        }
+        for mode, figures in self.modes.items():
+            out[f"{mode}_tokens_per_s"] = figures.tokens_per_s
+            out[f"ratio_{mode}_over_free"] = figures.ratio_over_free
+            out[f"{mode}_unmasked_share"] = figures.unmasked_share
+        return out | {"json_tokens_median": self.json_tokens_median}
+
+
+@dataclass(frozen=True)
+class GrammarResult:
+    command: str
+    models: list[str]
+    threads: int
+    reps: int
+    tokens: int
+    schema: dict[str, Any]
+    machine: Machine
+    summary: dict[str, GrammarRow]  # by model name
+    samples: list[GrammarSample]
+
+
+def _row(samples: list[GrammarSample], vocab: int, setup_ms: float) -> GrammarRow:
     by_mode = {mode: [s for s in samples if s.mode == mode] for mode in MODES}
-    summary: dict[str, Any] = {}
-    for mode, got in by_mode.items():
-        summary[f"{mode}_tokens_per_s"] = round(
-            statistics.median(s.decode_tokens_per_s for s in got), 2
-        )
-        if mode == "free":
-            continue
-        # Each repetition ran every mode back to back: their ratios cancel slow drifts.
-        summary[f"ratio_{mode}_over_free"] = round(
-            statistics.median(
-                s.decode_tokens_per_s / f.decode_tokens_per_s
-                for s, f in zip(got, by_mode["free"], strict=True)
-            ),
-            3,
-        )
+    free = by_mode["free"]
+    modes = {}
+    for mode in MODES[1:]:
+        got = by_mode[mode]
         checked, masked = sum(s.checked for s in got), sum(s.masked for s in got)
-        summary[f"{mode}_unmasked_share"] = round(checked / max(1, checked + masked), 3)
-    summary["json_tokens_median"] = statistics.median(
-        s.tokens for s in by_mode[GrammarMode.CANDIDATES.value]
-    )
-    return summary
-
-
-def run_grammar_bench(
-    *, reps: int, tokens: int, threads: int, models: list[Path], out_dir: Path
-) -> dict[str, Any]:
-    # ignore_eos: free answers run to exactly `tokens`; JSON answers end where their grammar does.
-    engines = [
-        Engine(
-            EngineSettings(
-                path=path,
-                threads=threads,
-                threads_batch=threads,
-                ctx=2048,
-                max_tokens=tokens,
-                temperature=0.0,
-                system_prompt=SYSTEM_PROMPT,
-                chat_format="auto",
+        modes[mode] = ModeFigures(
+            round(statistics.median(s.decode_tokens_per_s for s in got), 2),
+            # Each repetition ran every mode back to back: their ratios cancel slow drifts.
+            round(
+                statistics.median(
+                    s.decode_tokens_per_s / f.decode_tokens_per_s
+                    for s, f in zip(got, free, strict=True)
+                ),
+                3,
             ),
-            TestHooks(ignore_eos=True),
+            round(checked / max(1, checked + masked), 3),
         )
-        for path in models
-    ]
-    samples: list[Sample] = []
+    return GrammarRow(
+        vocab=vocab,
+        grammar_setup_ms=setup_ms,
+        free_tokens_per_s=round(statistics.median(s.decode_tokens_per_s for s in free), 2),
+        modes=modes,
+        json_tokens_median=statistics.median(
+            s.tokens for s in by_mode[GrammarMode.CANDIDATES.value]
+        ),
+    )
+
+
+def run_grammar(
+    *, reps: int, tokens: int, threads: int, models: list[Path], out_dir: Path
+) -> GrammarResult:
+    """Every mode on every model, interleaved; writes bench-grammar.json."""
+    # ignore_eos: free answers run to exactly `tokens`; JSON answers end where their grammar does.
+    engines = {str(path): bench_engine(path, threads, max_tokens=tokens) for path in models}
     try:
-        for engine in engines:
+        for engine in engines.values():
             for mode in MODES:  # warm each way up before measuring
                 _sample(engine, mode, 8)
-        setup_ms = {engine.name: _setup_ms(engine) for engine in engines}
-        for rep in range(reps):
-            for engine in engines:
-                for mode in rotated(MODES, rep):
-                    sample = _sample(engine, mode, tokens)
-                    samples.append(sample)
-                    print(
-                        f"rep {rep + 1}/{reps} {engine.name:28} {mode:7} {sample.tokens:4} "
-                        f"tokens: {sample.decode_tokens_per_s:6.1f} tok/s",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-        vocab = {engine.name: lib.llama_vocab_n_tokens(engine.vocab) for engine in engines}
+        setup_ms = {engine.name: _setup_ms(engine) for engine in engines.values()}
+        measured = interleave(
+            [(path, mode) for path in engines for mode in MODES],
+            reps,
+            lambda cell, _rep: _sample(engines[cell[0]], cell[1], tokens),
+            lambda cell, sample: (
+                f"{sample.model:28} {cell[1]:7} {sample.tokens:4} tokens: "
+                f"{sample.decode_tokens_per_s:6.1f} tok/s"
+            ),
+        )
+        vocab = {e.name: lib.llama_vocab_n_tokens(e.vocab) for e in engines.values()}
     finally:
-        for engine in engines:
+        for engine in engines.values():
             engine.close()
-    result = {
-        "command": command_line(),
-        "models": [str(path) for path in models],
-        "threads": threads,
-        "reps": reps,
-        "tokens": tokens,
-        "schema": SCHEMA,
-        "machine": machine(),
-        "summary": {
-            name: {
-                "vocab": vocab[name],
-                "grammar_setup_ms": setup_ms[name],
-                **_summary([s for s in samples if s.model == name]),
-            }
+    samples = [sample for _cell, sample in measured]
+    result = GrammarResult(
+        command=command_line(),
+        models=[str(path) for path in models],
+        threads=threads,
+        reps=reps,
+        tokens=tokens,
+        schema=SCHEMA,
+        machine=machine(),
+        summary={
+            name: _row([s for s in samples if s.model == name], vocab[name], setup_ms[name])
             for name in vocab
         },
-        "samples": [asdict(s) for s in samples],
-    }
+        samples=samples,
+    )
     write_result(result, out_dir, "bench-grammar.json")
     return result
-
-
-def render(result: dict[str, Any]) -> str:
-    """tok/s per mode, the ratio to free decoding, and the share of tokens chosen unmasked."""
-    grammar_modes = [mode.value for mode in GrammarMode]
-    lines = [
-        f"{'model':24} {'vocab':>7} {'free':>7} " + " ".join(f"{m:>22}" for m in grammar_modes)
-    ]
-    for name, row in result["summary"].items():
-        cells = [
-            f"{row[f'{m}_tokens_per_s']:6.1f} ({row[f'ratio_{m}_over_free']:.2f}x, "
-            f"{row[f'{m}_unmasked_share']:.0%})"
-            for m in grammar_modes
-        ]
-        lines.append(
-            f"{name:24} {row['vocab']:>7} {row['free_tokens_per_s']:7.1f} "
-            + " ".join(f"{c:>22}" for c in cells)
-        )
-    lines.append("tok/s (ratio to free, share of tokens chosen without the whole-vocabulary mask)")
-    return "\n".join(lines)
-
-
-def main(args: argparse.Namespace, tokens: int) -> int:
-    """`kioskd bench grammar [GGUF ...]`: the embedded (or --model) model and each GGUF named;
-    `kioskd bench answers`: answer lengths."""
-    mode, *more = args.mode
-    if mode == "answers" and not more:
-        return main_answers(args)
-    if mode != "grammar":
-        print("kioskd bench: modes are `grammar [GGUF ...]` and `answers`", file=sys.stderr)
-        return 2
-    models = [resolve(args.model).path, *(Path(path) for path in more)]
-    result = run_grammar_bench(
-        reps=args.reps,
-        tokens=tokens,
-        threads=args.threads or default_threads(),
-        models=models,
-        out_dir=args.out,
-    )
-    print(render(result))
-    print(f"full results: {args.out / 'bench-grammar.json'}")
-    return 0
-
-
-# --- `kioskd bench answers`: how long answers are, and whether they end by themselves --------
-
-QUESTIONS_FILE = Path("tests/data/factory-questions.txt")
-# (prompt style, repeat penalty): chat is how the embedded model was asked before the completion
-# frame (its architecture's chat format, no stop strings).
-ANSWER_VARIANTS = (("chat", 1.0), ("completion", 1.0), ("completion", 1.1), ("completion", 1.3))
-
-
-def _quantiles(values: list[int]) -> dict[str, float]:
-    quartiles = statistics.quantiles(values, n=4)
-    return {
-        "min": min(values),
-        "p25": quartiles[0],
-        "median": statistics.median(values),
-        "p75": quartiles[2],
-        "p90": statistics.quantiles(values, n=10)[8],
-        "max": max(values),
-    }
-
-
-def run_answer_lengths(
-    *, reps: int, threads: int, model: Path, questions: Path, out_dir: Path
-) -> dict[str, Any]:
-    """Every question `reps` times with the default model settings, per prompt style and
-    repeat penalty: answer lengths, and how many ended by themselves within 120 tokens."""
-    lines = questions.read_text(encoding="utf-8").splitlines()
-    asked = [line for line in lines if line.strip() and not line.startswith("#")]
-    defaults = Config().model
-    summary: dict[str, Any] = {}
-    for style, penalty in ANSWER_VARIANTS:
-        engine = Engine(
-            EngineSettings(
-                path=model,
-                threads=threads,
-                threads_batch=threads,
-                ctx=defaults.ctx,
-                max_tokens=defaults.max_tokens,
-                temperature=defaults.temperature,
-                system_prompt=defaults.system_prompt,
-                chat_format=defaults.chat_format,
-                prompt_style=style,
-                repeat_penalty=penalty,
-            )
-        )
-        lengths, ended = [], 0
-        try:
-            for _rep in range(reps):
-                for question in asked:
-                    answer = engine.generate(
-                        question,
-                        max_tokens=None,
-                        temperature=None,
-                        on_text=lambda _text: None,
-                        should_stop=lambda: False,
-                    )
-                    lengths.append(answer.completion_tokens)
-                    ended += not answer.hit_length and answer.completion_tokens <= 120
-        finally:
-            engine.close()
-        name = f"{style}, repeat_penalty {penalty}"
-        summary[name] = {
-            "answers": len(lengths),
-            "stop_within_120_share": round(ended / len(lengths), 3),
-            "length_cut": sum(n >= defaults.max_tokens for n in lengths),
-            "completion_tokens": _quantiles(lengths),
-        }
-        print(f"{name:32} {summary[name]}", file=sys.stderr, flush=True)
-    result = {
-        "command": command_line(),
-        "model": str(model),
-        "questions": len(asked),
-        "reps": reps,
-        "max_tokens": defaults.max_tokens,
-        "temperature": defaults.temperature,
-        "summary": summary,
-    }
-    write_result(result, out_dir, "bench-answers.json")
-    return result
-
-
-def main_answers(args: argparse.Namespace) -> int:
-    """`kioskd bench answers`: the factory questions, before and after the completion frame."""
-    result = run_answer_lengths(
-        reps=args.reps,
-        threads=args.threads or default_threads(),
-        model=resolve(args.model).path,
-        questions=QUESTIONS_FILE,
-        out_dir=args.out,
-    )
-    for name, row in result["summary"].items():
-        tokens = row["completion_tokens"]
-        print(
-            f"{name:32} stop within 120: {row['stop_within_120_share']:6.1%}  tokens min "
-            f"{tokens['min']} p25 {tokens['p25']} median {tokens['median']} p75 {tokens['p75']} "
-            f"p90 {tokens['p90']} max {tokens['max']}"
-        )
-    print(f"full results: {args.out / 'bench-answers.json'}")
-    return 0
