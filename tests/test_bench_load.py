@@ -22,7 +22,7 @@ from daemon.bench.contention import (
     cpu_hogs,
     parse_variants,
 )
-from daemon.bench.harness import Machine, jsonable
+from daemon.bench.harness import Machine, Run, jsonable
 from tests.conftest import REPO
 
 
@@ -237,13 +237,9 @@ def test_variants_summary_and_table() -> None:
     assert "over_default_quiet" not in jsonable(contention_summary(samples, ["passive"])["passive"])
     table = report.contention(
         ContentionResult(
-            command="kioskd bench contention",
-            model="model.gguf",
-            threads=2,
+            run=Run("kioskd bench contention", "model.gguf", 2, 2, Machine(2, "0.3")),
             hogs=1,
             tokens=64,
-            reps=2,
-            machine=Machine(2, "0.3"),
             variants=["default", "passive"],
             variant_env={},
             caller_openmp_env={},

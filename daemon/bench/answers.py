@@ -4,12 +4,17 @@ themselves, per prompt style and repeat penalty, on tests/data/factory-questions
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from daemon.bench.harness import command_line, progress, write_result
+from daemon.bench.harness import (
+    command_line,
+    engine_settings,
+    generate_silently,
+    progress,
+)
 from daemon.config import Config
-from daemon.engine import Engine, EngineSettings
+from daemon.engine import Engine
 
 QUESTIONS_FILE = Path("tests/data/factory-questions.txt")
 # (prompt style, repeat penalty): chat is how the embedded model was asked before the completion
@@ -63,37 +68,31 @@ def _lengths(engine: Engine, asked: list[str], reps: int) -> tuple[list[int], in
     lengths, ended = [], 0
     for _rep in range(reps):
         for question in asked:
-            answer = engine.generate(
-                question,
-                max_tokens=None,
-                temperature=None,
-                on_text=lambda _text: None,
-                should_stop=lambda: False,
-            )
+            # None: the default model settings' max_tokens and temperature.
+            answer = generate_silently(engine.generate, question, max_tokens=None, temperature=None)
             lengths.append(answer.completion_tokens)
             ended += not answer.hit_length and answer.completion_tokens <= 120
     return lengths, ended
 
 
 def run_answers(
-    *, reps: int, threads: int, model: Path, out_dir: Path, questions: Path = QUESTIONS_FILE
+    *, reps: int, threads: int, model: Path, questions: Path = QUESTIONS_FILE
 ) -> AnswersResult:
     """Every question `reps` times with the default model settings, per prompt style and
-    repeat penalty; writes bench-answers.json."""
+    repeat penalty."""
     lines = questions.read_text(encoding="utf-8").splitlines()
     asked = [line for line in lines if line.strip() and not line.startswith("#")]
     defaults = Config().model
     summary: dict[str, AnswerRow] = {}
     for style, penalty in ANSWER_VARIANTS:
-        engine = Engine(
-            EngineSettings(
-                path=model,
-                threads=threads,
-                threads_batch=threads,
+        base = engine_settings(
+            model, threads, max_tokens=defaults.max_tokens, system_prompt=defaults.system_prompt
+        )
+        engine = Engine(  # no test hooks: answers end where the model ends them
+            replace(
+                base,
                 ctx=defaults.ctx,
-                max_tokens=defaults.max_tokens,
                 temperature=defaults.temperature,
-                system_prompt=defaults.system_prompt,
                 chat_format=defaults.chat_format,
                 prompt_style=style,
                 repeat_penalty=penalty,
@@ -111,7 +110,7 @@ def run_answers(
             completion_tokens=_quantiles(lengths),
         )
         progress(f"{name:32} {summary[name]}")
-    result = AnswersResult(
+    return AnswersResult(
         command=command_line(),
         model=str(model),
         questions=len(asked),
@@ -120,5 +119,3 @@ def run_answers(
         temperature=defaults.temperature,
         summary=summary,
     )
-    write_result(result, out_dir, "bench-answers.json")
-    return result

@@ -6,20 +6,18 @@ One daemon per flush_ms on one private broker, identical otherwise, asked in tur
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from daemon.bench.harness import (
+    FLATTEN,
     DaemonSpec,
-    Machine,
+    Run,
     ask_streamed,
-    command_line,
     interleave,
-    machine,
     private_daemons,
     resolve_model,
     resolve_threads,
-    write_result,
+    this_run,
 )
 from daemon.bench.stats import gap_p99_ms, median_or_none
 
@@ -61,13 +59,9 @@ class ChunkingRow:
 
 @dataclass(frozen=True)
 class ChunkingResult:
-    command: str
-    model: str
-    threads: int
+    run: Run = field(metadata=FLATTEN)
     tokens: int
-    reps: int
     flushes_ms: list[float]
-    machine: Machine
     summary: dict[str, ChunkingRow]  # by flush_ms, as "%g"
     samples: list[ChunkingSample]
 
@@ -135,10 +129,9 @@ def run_chunking(
     threads: int | None,
     flushes_ms: list[float],
     model: str | None,
-    out_dir: Path,
 ) -> ChunkingResult:
     """Messages per answer, latency and speed for each stream.flush_ms, one daemon each;
-    writes bench-chunking.json."""
+    ."""
     resolved = resolve_model(model)
     thread_count = resolve_threads(threads)
     specs = [DaemonSpec(_flush_prefix(ms), stream={"flush_ms": ms}) for ms in flushes_ms]
@@ -154,16 +147,6 @@ def run_chunking(
             ),
         )
     samples = [sample for _flush, sample in measured]
-    result = ChunkingResult(
-        command=command_line(),
-        model=str(resolved),
-        threads=thread_count,
-        tokens=tokens,
-        reps=reps,
-        flushes_ms=flushes_ms,
-        machine=machine(),
-        summary=chunking_summary(samples, flushes_ms),
-        samples=samples,
-    )
-    write_result(result, out_dir, "bench-chunking.json")
-    return result
+    summary = chunking_summary(samples, flushes_ms)
+    how = this_run(resolved, thread_count, reps)
+    return ChunkingResult(how, tokens, flushes_ms, summary, samples)

@@ -23,19 +23,17 @@ from daemon.bench.harness import (
     KIOSKD_PREFIX,
     QUESTION,
     DaemonSpec,
-    Machine,
+    Run,
     Sample,
     ask_streamed,
     bench_engine,
-    command_line,
     interleave,
-    machine,
     mqtt_sample,
     private_daemons,
     raw_llama,
     resolve_model,
     resolve_threads,
-    write_result,
+    this_run,
 )
 from daemon.bench.stats import gap_p99_ms, median_or_none, percentile
 from daemon.config import LimitsConfig
@@ -90,11 +88,7 @@ class PooledFirstChunk:
 
 @dataclass(frozen=True)
 class CompareResult:
-    command: str
-    model: str
-    threads: int
-    reps: int
-    machine: Machine
+    run: Run = field(metadata=FLATTEN)
     kioskd_rss_mib: float
     kioskd_rss_after_longest_question_mib: float
     rss_budget_mib: float | None
@@ -252,11 +246,10 @@ def run_compare(
     lengths: list[int],
     threads: int | None,
     model: str | None,
-    out_dir: Path,
     idle_s: float = 60.0,
     vs_server: bool = False,
 ) -> CompareResult:
-    """Interleaved raw/kioskd(/server) answers of each length; writes bench.json."""
+    """Interleaved raw/kioskd(/server) answers of each length."""
     resolved = resolve_model(model)
     thread_count = resolve_threads(threads)
     # The engine renders and tokenizes the prompt for the raw loop and the bridge, so that all
@@ -305,12 +298,8 @@ def run_compare(
     engine.close()
     raw.close()
     samples = [sample for _cell, sample in measured]
-    result = CompareResult(
-        command=command_line(),
-        model=str(resolved),
-        threads=thread_count,
-        reps=reps,
-        machine=machine(),
+    return CompareResult(
+        run=this_run(resolved, thread_count, reps),
         kioskd_rss_mib=rss_mib[0],
         kioskd_rss_after_longest_question_mib=longest_rss_mib,
         rss_budget_mib=rss_budget_mib,
@@ -323,5 +312,3 @@ def run_compare(
         first_chunk_all_lengths=first_chunk_pooled(samples),
         samples=samples,
     )
-    write_result(result, out_dir, "bench.json")
-    return result

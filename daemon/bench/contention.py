@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -30,14 +31,12 @@ from daemon.bench.cgroup import (
 from daemon.bench.harness import (
     FLATTEN,
     DaemonSpec,
-    Machine,
-    command_line,
+    Run,
     interleave,
-    machine,
     mqtt_sample,
     private_daemons,
     resolve_model,
-    write_result,
+    this_run,
 )
 from daemon.bench.stats import Ratio, median_or_none, paired_ratio
 
@@ -124,45 +123,36 @@ class CpuQuota:
 
 
 @dataclass(frozen=True)
-class VsDefault:
-    """One variant's decode speed over the "default" variant's, quiet and loaded."""
-
-    over_default_quiet: float
-    over_default_quiet_median_of_pairs: float
-    over_default_loaded: float
-    over_default_loaded_median_of_pairs: float
-
-    def quiet(self) -> Ratio:
-        return Ratio(self.over_default_quiet, self.over_default_quiet_median_of_pairs)
-
-    def loaded(self) -> Ratio:
-        return Ratio(self.over_default_loaded, self.over_default_loaded_median_of_pairs)
-
-
-@dataclass(frozen=True)
 class ContentionRow:
+    """One variant's medians, loaded over quiet, and its speed over the "default" variant's."""
+
     quiet_tokens_per_s_median: float
     loaded_tokens_per_s_median: float
-    loaded_over_quiet: float
-    loaded_over_quiet_median_of_pairs: float
-    vs_default: VsDefault | None = field(metadata=FLATTEN)  # only when "default" was measured
-    quiet_throttled_share_median: float | None
-    loaded_throttled_share_median: float | None
+    loss: Ratio  # loaded over quiet
+    over_default: dict[str, Ratio] | None  # by load; only when "default" was measured
+    throttled_share_median: dict[str, float | None]  # by load; None without a quota
 
-    def loss(self) -> Ratio:
-        """Loaded over quiet."""
-        return Ratio(self.loaded_over_quiet, self.loaded_over_quiet_median_of_pairs)
+    def to_json(self) -> dict[str, Any]:
+        """The keys of bench-contention.json: loaded_over_quiet, over_default_quiet, ..."""
+        out: dict[str, Any] = {
+            "quiet_tokens_per_s_median": self.quiet_tokens_per_s_median,
+            "loaded_tokens_per_s_median": self.loaded_tokens_per_s_median,
+            "loaded_over_quiet": self.loss.of_medians,
+            "loaded_over_quiet_median_of_pairs": self.loss.median_of_pairs,
+        }
+        for load, ratio in (self.over_default or {}).items():
+            out[f"over_default_{load}"] = ratio.of_medians
+            out[f"over_default_{load}_median_of_pairs"] = ratio.median_of_pairs
+        for load, share in self.throttled_share_median.items():
+            out[f"{load}_throttled_share_median"] = share
+        return out
 
 
 @dataclass(frozen=True)
 class ContentionResult:
-    command: str
-    model: str
-    threads: int
+    run: Run = field(metadata=FLATTEN)
     hogs: int
     tokens: int
-    reps: int
-    machine: Machine
     variants: list[str]
     variant_env: dict[str, dict[str, str | None]]  # null: unset
     caller_openmp_env: dict[str, str]
@@ -264,30 +254,21 @@ def contention_summary(
 
     summary: dict[str, ContentionRow] = {}
     for variant in variants:
-        quiet, loaded = rates(variant, "quiet"), rates(variant, "loaded")
-        loss = paired_ratio(loaded, quiet, 3)
-        vs_default = None
+        over_default = None
         if "default" in variants:
-            over_quiet = paired_ratio(quiet, rates("default", "quiet"), 3)
-            over_loaded = paired_ratio(loaded, rates("default", "loaded"), 3)
-            vs_default = VsDefault(
-                over_quiet.of_medians,
-                over_quiet.median_of_pairs,
-                over_loaded.of_medians,
-                over_loaded.median_of_pairs,
-            )
+            over_default = {
+                load: paired_ratio(rates(variant, load), rates("default", load), 3)
+                for load in LOADS
+            }
         summary[variant] = ContentionRow(
-            quiet_tokens_per_s_median=round(statistics.median(quiet), 2),
-            loaded_tokens_per_s_median=round(statistics.median(loaded), 2),
-            loaded_over_quiet=loss.of_medians,
-            loaded_over_quiet_median_of_pairs=loss.median_of_pairs,
-            vs_default=vs_default,
-            quiet_throttled_share_median=median_or_none(
-                [s.throttled_share for s in of(variant, "quiet")]
-            ),
-            loaded_throttled_share_median=median_or_none(
-                [s.throttled_share for s in of(variant, "loaded")]
-            ),
+            quiet_tokens_per_s_median=round(statistics.median(rates(variant, "quiet")), 2),
+            loaded_tokens_per_s_median=round(statistics.median(rates(variant, "loaded")), 2),
+            loss=paired_ratio(rates(variant, "loaded"), rates(variant, "quiet"), 3),
+            over_default=over_default,
+            throttled_share_median={
+                load: median_or_none([s.throttled_share for s in of(variant, load)])
+                for load in LOADS
+            },
         )
     return summary
 
@@ -311,12 +292,10 @@ def run_contention(
     threads: int | None,
     hogs: int,
     model: str | None,
-    out_dir: Path,
     variants: Sequence[str] = ("default", "passive"),
     cpu_quota: float | None = None,
 ) -> ContentionResult:
-    """Decode speed with and without `hogs` busy processes, for each OpenMP variant; writes
-    bench-contention.json.
+    """Decode speed with and without `hogs` busy processes, for each OpenMP variant.
 
     cpu_quota: percent of one CPU; each daemon then runs in its own fresh cgroup with that CPU
     bandwidth limit (as systemd's CPUQuota= does), the hogs outside them.
@@ -364,14 +343,10 @@ def run_contention(
 
         cells = [(variant, load) for variant in variants for load in LOADS]
         samples = [sample for _cell, sample in interleave(cells, reps, measure, _label)]
-    result = ContentionResult(
-        command=command_line(),
-        model=str(resolved),
-        threads=thread_count,
+    return ContentionResult(
+        run=this_run(resolved, thread_count, reps),
         hogs=hogs,
         tokens=tokens,
-        reps=reps,
-        machine=machine(),
         variants=list(variants),
         variant_env={variant: OPENMP_VARIANTS[variant] for variant in variants},
         caller_openmp_env=_openmp_env(dict(os.environ)),
@@ -380,5 +355,3 @@ def run_contention(
         summary=contention_summary(samples, variants),
         samples=samples,
     )
-    write_result(result, out_dir, "bench-contention.json")
-    return result

@@ -31,11 +31,11 @@ from daemon.bench.harness import (
     Machine,
     bench_engine,
     command_line,
+    generate_silently,
     machine,
     private_daemons,
     progress,
     rotated,
-    write_result,
 )
 from daemon.conversations import ConversationStore
 from daemon.turns import Turns
@@ -103,11 +103,10 @@ def _first_token_ms(turns: Turns, question: str, conversation: str | None) -> tu
     """Time to the first token of a turn that is then stopped (so not remembered)."""
     checks = iter([False])
     started = time.monotonic()
-    result = turns.generate(
+    result = generate_silently(
+        turns.generate,
         question,
         max_tokens=4,
-        temperature=0.0,
-        on_text=lambda _text: None,
         should_stop=lambda: next(checks, True),
         conversation_id=conversation,
     )
@@ -118,13 +117,8 @@ def _first_token_ms(turns: Turns, question: str, conversation: str | None) -> tu
 
 def _history(turns: Turns, conversation: str) -> None:
     for question in QUESTIONS:
-        result = turns.generate(
-            question,
-            max_tokens=ANSWER_TOKENS,
-            temperature=0.0,
-            on_text=lambda _text: None,
-            should_stop=lambda: False,
-            conversation_id=conversation,
+        result = generate_silently(
+            turns.generate, question, max_tokens=ANSWER_TOKENS, conversation_id=conversation
         )
         if result.stopped:
             raise RuntimeError("a history turn was cut short")
@@ -286,11 +280,10 @@ def run_conversation(
     reps: int,
     threads: int,
     model: Path,
-    out_dir: Path,
     conversations: int,
     max_state_mb: float,
 ) -> ConversationResult:
-    """Both parts (the second unless conversations is 0); writes bench-conversation.json."""
+    """Both parts (the second unless conversations is 0)."""
     many = None
     turn5 = run_turn5(reps=reps, threads=threads, model=model)
     if conversations > 0:
@@ -301,6 +294,4 @@ def run_conversation(
             max_state_mb=max_state_mb,
             max_active=32,
         )
-    result = ConversationResult(command_line(), machine(), model.name, turn5, many)
-    write_result(result, out_dir, "bench-conversation.json")
-    return result
+    return ConversationResult(command_line(), machine(), model.name, turn5, many)

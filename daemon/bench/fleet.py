@@ -29,7 +29,6 @@ from daemon.bench.harness import (
     progress,
     spawn,
     write_config,
-    write_result,
 )
 from daemon.bench.localbroker import LocalBroker, free_port
 from daemon.broker import Connection, Inbound
@@ -51,8 +50,8 @@ class FleetResult:
     taken: dict[str, list[dict[str, int]]]  # answers per device, every run
 
 
-def run_fleet(*, kiosks: list[int], reps: int, out_dir: Path) -> FleetResult:
-    """Every size in turn, `reps` times; writes bench-fleet.json."""
+def run_fleet(*, kiosks: list[int], reps: int) -> FleetResult:
+    """Every size in turn, `reps` times."""
     questions = _QUESTIONS_PER_KIOSK * max(kiosks)
     samples: dict[int, list[float]] = {size: [] for size in kiosks}
     spreads: dict[int, list[dict[str, int]]] = {size: [] for size in kiosks}
@@ -64,7 +63,7 @@ def run_fleet(*, kiosks: list[int], reps: int, out_dir: Path) -> FleetResult:
             progress(f"{size} kiosk(s): {per_s:.2f} questions/s, taken {dict(spread)}")
     medians = {size: statistics.median(values) for size, values in samples.items()}
     base = medians[min(kiosks)]
-    result = FleetResult(
+    return FleetResult(
         command=command_line(),
         token_delay_ms=_TOKEN_DELAY_MS,
         tokens=_TOKENS,
@@ -74,8 +73,6 @@ def run_fleet(*, kiosks: list[int], reps: int, out_dir: Path) -> FleetResult:
         scaling={str(k): round(v / base, 2) for k, v in medians.items()},
         taken={str(k): v for k, v in spreads.items()},
     )
-    write_result(result, out_dir, "bench-fleet.json")
-    return result
 
 
 def _one_run(size: int, *, questions: int) -> tuple[float, Counter[str]]:

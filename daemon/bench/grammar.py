@@ -22,9 +22,9 @@ from daemon.bench.harness import (
     Machine,
     bench_engine,
     command_line,
+    generate_silently,
     interleave,
     machine,
-    write_result,
 )
 from daemon.engine import Engine
 from daemon.grammar import answer_format
@@ -64,14 +64,7 @@ def _sample(engine: Engine, mode: str, tokens: int) -> GrammarSample:
         if mode == "free"
         else answer_format({"type": "json_schema", "schema": SCHEMA}, max_schema_bytes=8192)
     )
-    result = engine.generate(
-        QUESTION,
-        max_tokens=tokens,
-        temperature=0.0,
-        on_text=lambda _text: None,
-        should_stop=lambda: False,
-        answer_format=fmt,
-    )
+    result = generate_silently(engine.generate, QUESTION, max_tokens=tokens, answer_format=fmt)
     first = result.first_token_monotonic
     if first is None or result.completion_tokens < 2:
         raise RuntimeError(f"{engine.name} {mode}: {result.completion_tokens} tokens")
@@ -163,10 +156,8 @@ def _row(samples: list[GrammarSample], vocab: int, setup_ms: float) -> GrammarRo
     )
 
 
-def run_grammar(
-    *, reps: int, tokens: int, threads: int, models: list[Path], out_dir: Path
-) -> GrammarResult:
-    """Every mode on every model, interleaved; writes bench-grammar.json."""
+def run_grammar(*, reps: int, tokens: int, threads: int, models: list[Path]) -> GrammarResult:
+    """Every mode on every model, interleaved."""
     # ignore_eos: free answers run to exactly `tokens`; JSON answers end where their grammar does.
     engines = {str(path): bench_engine(path, threads, max_tokens=tokens) for path in models}
     try:
@@ -188,7 +179,7 @@ def run_grammar(
         for engine in engines.values():
             engine.close()
     samples = [sample for _cell, sample in measured]
-    result = GrammarResult(
+    return GrammarResult(
         command=command_line(),
         models=[str(path) for path in models],
         threads=threads,
@@ -202,5 +193,3 @@ def run_grammar(
         },
         samples=samples,
     )
-    write_result(result, out_dir, "bench-grammar.json")
-    return result

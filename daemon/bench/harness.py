@@ -29,6 +29,7 @@ from daemon.bench.localbroker import LocalBroker, free_port
 from daemon.bench.stats import gap_p99_ms
 from daemon.config import default_threads
 from daemon.engine import Engine, EngineSettings
+from daemon.generation import Generation
 from daemon.models import resolve
 from daemon.testhooks import TestHooks
 
@@ -54,16 +55,12 @@ def resolve_threads(threads: int | None) -> int:
     return threads or default_threads()
 
 
-def bench_engine(
-    model: Path,
-    threads: int,
-    *,
-    max_tokens: int,
-    system_prompt: str = SYSTEM_PROMPT,
-    ignore_eos: bool = True,
-) -> Engine:
-    """An in-process engine at temperature 0; ignore_eos: answers of exactly the asked length."""
-    settings = EngineSettings(
+def engine_settings(
+    model: Path, threads: int, *, max_tokens: int, system_prompt: str = SYSTEM_PROMPT
+) -> EngineSettings:
+    """The benchmarks' engine: temperature 0, a 2048-token context, the chat format the GGUF
+    declares."""
+    return EngineSettings(
         path=model,
         threads=threads,
         threads_batch=threads,
@@ -73,7 +70,35 @@ def bench_engine(
         system_prompt=system_prompt,
         chat_format="auto",
     )
-    return Engine(settings, TestHooks(ignore_eos=ignore_eos))
+
+
+def bench_engine(
+    model: Path, threads: int, *, max_tokens: int, system_prompt: str = SYSTEM_PROMPT
+) -> Engine:
+    """An in-process engine whose answers have exactly the asked length (end-of-turn ignored)."""
+    settings = engine_settings(model, threads, max_tokens=max_tokens, system_prompt=system_prompt)
+    return Engine(settings, TestHooks(ignore_eos=True))
+
+
+def generate_silently(
+    generate: Callable[..., Generation],
+    question: str,
+    *,
+    max_tokens: int | None,
+    temperature: float | None = 0.0,
+    should_stop: Callable[[], bool] = lambda: False,
+    **more: Any,
+) -> Generation:
+    """One answer of Engine.generate or Turns.generate, its text thrown away as it comes: the
+    benchmarks time answers, they do not show them."""
+    return generate(
+        question,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        on_text=lambda _text: None,
+        should_stop=should_stop,
+        **more,
+    )
 
 
 def raw_llama(settings: EngineSettings) -> llama_cpp.Llama:
@@ -323,6 +348,21 @@ class Machine:
     llama_cpp_python: str
 
 
+@dataclass(frozen=True)
+class Run:
+    """How a result was measured: what every result file opens with."""
+
+    command: str
+    model: str
+    threads: int
+    reps: int
+    machine: Machine
+
+
+def this_run(model: Path, threads: int, reps: int) -> Run:
+    return Run(command_line(), str(model), threads, reps, machine())
+
+
 def machine() -> Machine:
     return Machine(os.cpu_count(), llama_cpp.__version__)
 
@@ -359,7 +399,7 @@ OMIT_IF_NONE: dict[str, Any] = {"omit_if_none": True}
 
 
 def write_result(result: object, out_dir: Path, name: str) -> Path:
-    """The result as out_dir/NAME (JSON); returns that path."""
+    """The (dataclass) result as out_dir/NAME, in JSON; returns that path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
     path.write_text(json.dumps(jsonable(result), indent=2))

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.bench.harness import bench_engine, interleave, write_result
+from daemon.bench.harness import bench_engine, generate_silently, interleave
 from daemon.engine import Engine
 
 # About 150 tokens of realistic kiosk instructions (the exact count is measured and reported).
@@ -43,20 +43,14 @@ class PromptReuseResult:
 
 def _first_token_ms(engine: Engine, question: str) -> float:
     started = time.monotonic()
-    result = engine.generate(
-        question,
-        max_tokens=1,
-        temperature=0.0,
-        on_text=lambda _text: None,
-        should_stop=lambda: False,
-    )
+    result = generate_silently(engine.generate, question, max_tokens=1)
     if result.first_token_monotonic is None:
         raise RuntimeError("no token")
     return (result.first_token_monotonic - started) * 1000
 
 
-def run_prompt_reuse(*, reps: int, threads: int, model: Path, out_dir: Path) -> PromptReuseResult:
-    """Both ways in turn, a different question each repetition; writes bench-prompt-reuse.json."""
+def run_prompt_reuse(*, reps: int, threads: int, model: Path) -> PromptReuseResult:
+    """Both ways in turn, a different question each repetition."""
     engine = bench_engine(model, threads, max_tokens=8, system_prompt=LONG_SYSTEM_PROMPT)
     system_tokens = engine.count_tokens(LONG_SYSTEM_PROMPT)
     prompt_tokens = len(engine.prompt_tokens(QUESTIONS[0]))
@@ -74,7 +68,7 @@ def run_prompt_reuse(*, reps: int, threads: int, model: Path, out_dir: Path) -> 
     engine.close()
     samples = {mode: [ms for cell, ms in measured if cell == mode] for mode in ("reuse", "cold")}
     reuse_ms, cold_ms = statistics.median(samples["reuse"]), statistics.median(samples["cold"])
-    result = PromptReuseResult(
+    return PromptReuseResult(
         system_prompt_tokens=system_tokens,
         prompt_tokens=prompt_tokens,
         first_token_ms_with_reuse_median=round(reuse_ms, 1),
@@ -82,5 +76,3 @@ def run_prompt_reuse(*, reps: int, threads: int, model: Path, out_dir: Path) -> 
         reduction_percent=round(100 * (1 - reuse_ms / cold_ms), 1),
         samples=samples,
     )
-    write_result(result, out_dir, "bench-prompt-reuse.json")
-    return result

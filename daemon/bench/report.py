@@ -39,7 +39,7 @@ def full_results(path: Path) -> str:
 
 def compare(result: CompareResult) -> str:
     lines = [
-        f"model {result.model}, {result.threads} threads, {result.reps} reps; "
+        f"model {result.run.model}, {result.run.threads} threads, {result.run.reps} reps; "
         f"kioskd RSS {result.kioskd_rss_mib} MiB, "
         f"{result.kioskd_rss_after_longest_question_mib} MiB after the longest question "
         f"(budget {result.rss_budget_mib} MiB), "
@@ -135,7 +135,8 @@ def chart(result: CompareResult, path: Path) -> Path:
     handles, labels = speed.get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=len(shown), fontsize=9)
     figure.suptitle(
-        f"{Path(result.model).name}, {result.threads} thread(s), {result.reps} reps", fontsize=10
+        f"{Path(result.run.model).name}, {result.run.threads} thread(s), {result.run.reps} reps",
+        fontsize=10,
     )
     figure.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below
     figure.savefig(path, dpi=110)
@@ -148,7 +149,7 @@ def chart(result: CompareResult, path: Path) -> Path:
 
 def telemetry(result: TelemetryResult) -> str:
     return (
-        f"{result.tokens} tokens, {result.reps} reps: telemetry every 1 s "
+        f"{result.tokens} tokens, {result.run.reps} reps: telemetry every 1 s "
         f"{result.telemetry_1s_tokens_per_s_median} tok/s, off "
         f"{result.telemetry_off_tokens_per_s_median} tok/s; drop "
         f"{result.drop_percent_median_of_pairs} % (median of paired runs)"
@@ -195,25 +196,22 @@ def contention(result: ContentionResult) -> str:
         else ", no CPU quota"
     )
     lines = [
-        f"{result.tokens} tokens, {result.threads} model threads, {result.hogs} hog(s), "
-        f"{result.reps} reps{limit}",
+        f"{result.tokens} tokens, {result.run.threads} model threads, {result.hogs} hog(s), "
+        f"{result.run.reps} reps{limit}",
         f"{'variant':<9} {'quiet':>6} {'loaded':>6} {'loaded/quiet':>15} "
         f"{'quiet/default':>15} {'loaded/default':>15}" + ("  throttled q/l" if quota else ""),
     ]
     for variant in result.variants:
         row = result.summary[variant]
-        vs = row.vs_default
+        over = row.over_default or {}
         line = (
             f"{variant:<9} {row.quiet_tokens_per_s_median:>6.1f} "
-            f"{row.loaded_tokens_per_s_median:>6.1f} "
-            f"{_paired(row.loss()):>15} {_paired(vs.quiet() if vs else None):>15} "
-            f"{_paired(vs.loaded() if vs else None):>15}"
+            f"{row.loaded_tokens_per_s_median:>6.1f} {_paired(row.loss):>15} "
+            f"{_paired(over.get('quiet')):>15} {_paired(over.get('loaded')):>15}"
         )
         if quota:
-            line += (
-                f"  {_percent(row.quiet_throttled_share_median)}/"
-                f"{_percent(row.loaded_throttled_share_median)}"
-            )
+            shares = row.throttled_share_median
+            line += f"  {_percent(shares['quiet'])}/{_percent(shares['loaded'])}"
         lines.append(line)
     lines.append("tok/s: decode medians; ratios: of medians (median of per-rep pairs)")
     if quota:
@@ -224,7 +222,7 @@ def contention(result: ContentionResult) -> str:
 def chunking(result: ChunkingResult) -> str:
     """The chunking summary as a short table (medians over the repetitions)."""
     lines = [
-        f"{result.tokens} tokens, {result.threads} model threads, {result.reps} reps",
+        f"{result.tokens} tokens, {result.run.threads} model threads, {result.run.reps} reps",
         f"{'flush ms':>8} {'chunks':>6} {'msgs':>5} {'tok/chunk':>9} {'first ms':>8} "
         f"{'e2e tok/s':>9} {'chunk tok/s*':>12} {'model tok/s':>11} {'gap p99 ms':>10} "
         f"{'mismatch':>8}",

@@ -4,30 +4,18 @@ off (once a day), two daemons on one private broker asked in turn."""
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from daemon.bench.harness import (
-    DaemonSpec,
-    command_line,
-    interleave,
-    mqtt_sample,
-    private_daemons,
-    resolve_model,
-    resolve_threads,
-    write_result,
-)
+from daemon.bench import harness
+from daemon.bench.harness import FLATTEN, DaemonSpec, Run
 
 FAST, OFF = "bench/telemetry-1s", "bench/telemetry-off"
 
 
 @dataclass(frozen=True)
 class TelemetryResult:
-    command: str
-    model: str
-    threads: int
+    run: Run = field(metadata=FLATTEN)
     tokens: int
-    reps: int
     telemetry_1s_tokens_per_s_median: float
     telemetry_off_tokens_per_s_median: float
     drop_percent_of_medians: float
@@ -36,36 +24,33 @@ class TelemetryResult:
 
 
 def run_telemetry(
-    *, reps: int, tokens: int, threads: int | None, model: str | None, out_dir: Path
+    *, reps: int, tokens: int, threads: int | None, model: str | None
 ) -> TelemetryResult:
-    """Both daemons, interleaved; writes bench-telemetry.json."""
-    resolved = resolve_model(model)
-    thread_count = resolve_threads(threads)
+    """Both daemons, interleaved."""
+    resolved = harness.resolve_model(model)
+    thread_count = harness.resolve_threads(threads)
     specs = [
         DaemonSpec(FAST, telemetry_interval_s=1.0),
         DaemonSpec(OFF, telemetry_interval_s=86400.0),
     ]
-    with private_daemons(specs, model=resolved, threads=thread_count, max_tokens=tokens) as run:
-        measured = interleave(
+    with harness.private_daemons(
+        specs, model=resolved, threads=thread_count, max_tokens=tokens
+    ) as run:
+        measured = harness.interleave(
             [FAST, OFF],
             reps,
-            lambda prefix, _rep: mqtt_sample(run.port, tokens, prefix).decode_tokens_per_s,
+            lambda prefix, _rep: harness.mqtt_sample(run.port, tokens, prefix).decode_tokens_per_s,
             lambda prefix, rate: f"{prefix:22} {rate:6.1f} tok/s",
         )
     rates = {prefix: [rate for cell, rate in measured if cell == prefix] for prefix in (FAST, OFF)}
     fast, off = statistics.median(rates[FAST]), statistics.median(rates[OFF])
     ratios = [a / b for a, b in zip(rates[FAST], rates[OFF], strict=True)]
-    result = TelemetryResult(
-        command=command_line(),
-        model=str(resolved),
-        threads=thread_count,
+    return TelemetryResult(
+        run=harness.this_run(resolved, thread_count, reps),
         tokens=tokens,
-        reps=reps,
         telemetry_1s_tokens_per_s_median=round(fast, 2),
         telemetry_off_tokens_per_s_median=round(off, 2),
         drop_percent_of_medians=round(100 * (1 - fast / off), 2),
         drop_percent_median_of_pairs=round(100 * (1 - statistics.median(ratios)), 2),
         samples=rates,
     )
-    write_result(result, out_dir, "bench-telemetry.json")
-    return result

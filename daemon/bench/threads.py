@@ -1,4 +1,4 @@
-"""`kioskd bench threads`: llama.cpp's own prefill and decode speed at 1..N threads, and the
+"""`kioskd bench threads`: llama.cpp's own prefill and decode speed at 1.N threads, and the
 thread counts to configure (model.threads, model.threads_batch)."""
 
 from __future__ import annotations
@@ -12,8 +12,19 @@ from pathlib import Path
 import llama_cpp
 import psutil
 
-from daemon.bench.harness import bench_engine, progress, raw_llama, write_result
+from daemon.bench.harness import bench_engine, progress, raw_llama
 from daemon.bench.prompt_reuse import LONG_SYSTEM_PROMPT, QUESTIONS
+
+
+@dataclass(frozen=True)
+class ThreadsResult:
+    """The speeds at every thread count, and the fewest threads within 5 % of the best."""
+
+    cpu_count: int | None
+    physical_cores: int | None
+    prompt_tokens: int
+    rows: list[ThreadsRow]
+    recommended: dict[str, int]  # config key -> value
 
 
 @dataclass(frozen=True)
@@ -21,15 +32,6 @@ class ThreadsRow:
     threads: int
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
-
-
-@dataclass(frozen=True)
-class ThreadsResult:
-    cpu_count: int | None
-    physical_cores: int | None
-    prompt_tokens: int
-    rows: list[ThreadsRow]
-    recommended: dict[str, int]  # config key -> value
 
 
 def _row(llama: llama_cpp.Llama, prompt: list[int], threads: int, reps: int) -> ThreadsRow:
@@ -60,8 +62,8 @@ def _fewest_within_5_percent(rows: list[ThreadsRow], speed: str) -> int:
     return min(row.threads for row in rows if float(getattr(row, speed)) >= 0.95 * best)
 
 
-def run_threads(*, reps: int, model: Path, max_threads: int | None, out_dir: Path) -> ThreadsResult:
-    """Every thread count from 1 to max_threads (all CPUs); writes bench-threads.json."""
+def run_threads(*, reps: int, model: Path, max_threads: int | None) -> ThreadsResult:
+    """Every thread count from 1 to max_threads (all CPUs)."""
     top = max_threads or os.cpu_count() or 1
     engine = bench_engine(model, top, max_tokens=8, system_prompt=LONG_SYSTEM_PROMPT)
     prompt = engine.prompt_tokens(QUESTIONS[0])
@@ -76,7 +78,7 @@ def run_threads(*, reps: int, model: Path, max_threads: int | None, out_dir: Pat
             f"{row.decode_tokens_per_s} tok/s"
         )
     llama.close()
-    result = ThreadsResult(
+    return ThreadsResult(
         cpu_count=os.cpu_count(),
         physical_cores=psutil.cpu_count(logical=False),
         prompt_tokens=len(prompt),
@@ -86,5 +88,3 @@ def run_threads(*, reps: int, model: Path, max_threads: int | None, out_dir: Pat
             "model.threads_batch": _fewest_within_5_percent(rows, "prefill_tokens_per_s"),
         },
     )
-    write_result(result, out_dir, "bench-threads.json")
-    return result

@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 
 from daemon.asker import read_retained
-from daemon.bench.harness import command_line, spawn, write_config, write_result
+from daemon.bench.harness import command_line, spawn, write_config
 from daemon.bench.localbroker import LocalBroker, free_port, wait_listening
 from daemon.bench.stats import median
 
@@ -57,9 +57,11 @@ class WebResult:
     web_idle_cpu_percent: float
 
 
-def run_web(*, reps: int, tokens: int, idle_s: float, out_dir: Path) -> WebResult:
-    """A daemon and `kioskd web` on a private broker, the page in Chromium; writes
-    bench-web.json. RuntimeError or TimeoutError when a part does not come up."""
+def run_web(*, reps: int, tokens: int, idle_s: float) -> WebResult:
+    """A daemon and `kioskd web` on a private broker, the page in Chromium.
+
+    RuntimeError or TimeoutError when a part does not come up.
+    """
     with (
         tempfile.TemporaryDirectory(prefix="kioskd-bench-web-") as work,
         LocalBroker(free_port(), Path(work)) as broker,
@@ -85,7 +87,6 @@ def run_web(*, reps: int, tokens: int, idle_s: float, out_dir: Path) -> WebResul
             for process in reversed(processes):
                 process.terminate()
                 process.wait(30)
-    write_result(result, out_dir, "bench-web.json")
     return result
 
 

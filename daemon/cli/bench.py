@@ -154,9 +154,13 @@ def _numbers(text: str) -> list[int]:
     return [int(n) for n in text.split(",")]
 
 
-def _print(report: str, out: Path, name: str) -> int:
+def _print(report: str, result: object, out_dir: Path, name: str) -> int:
+    """Write the result as out_dir/NAME (JSON), and print its report and where the file is."""
+    from daemon.bench.harness import write_result  # noqa: PLC0415 - loads llama.cpp
+
+    path = write_result(result, out_dir, name)
     print(report)
-    print(f"full results: {out / name}")
+    print(f"full results: {path}")
     return exitcodes.OK
 
 
@@ -166,15 +170,13 @@ def _failed(error: Exception) -> int:
 
 
 def _compare(args: argparse.Namespace, *, vs_server: bool = False) -> int:
-    from daemon.bench import report  # noqa: PLC0415
-    from daemon.bench.compare import run_compare  # noqa: PLC0415 - loads llama.cpp
+    from daemon.bench import compare, report  # noqa: PLC0415 - loads llama.cpp
 
-    result = run_compare(
+    result = compare.run_compare(
         reps=args.reps,
         lengths=_numbers(args.tokens),
         threads=args.threads,
         model=args.model,
-        out_dir=args.out,
         idle_s=args.idle_s,
         vs_server=vs_server,
     )
@@ -182,7 +184,7 @@ def _compare(args: argparse.Namespace, *, vs_server: bool = False) -> int:
         chart = f"chart: {report.chart(result, args.out / 'bench.png')}"
     except ImportError:
         chart = "no chart: install the bench extra (pip install -e '.[bench]') for matplotlib"
-    return _print(f"{report.compare(result)}\n{chart}", args.out, "bench.json")
+    return _print(f"{report.compare(result)}\n{chart}", result, args.out, "bench.json")
 
 
 def _server(args: argparse.Namespace) -> int:
@@ -190,135 +192,119 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _threads(args: argparse.Namespace) -> int:
-    from daemon.bench import report  # noqa: PLC0415
+    from daemon.bench import report, threads  # noqa: PLC0415 - loads llama.cpp
     from daemon.bench.harness import resolve_model  # noqa: PLC0415
-    from daemon.bench.threads import run_threads  # noqa: PLC0415
 
-    result = run_threads(
-        reps=args.reps, model=resolve_model(args.model), max_threads=args.threads, out_dir=args.out
+    result = threads.run_threads(
+        reps=args.reps, model=resolve_model(args.model), max_threads=args.threads
     )
-    return _print(report.threads(result), args.out, "bench-threads.json")
+    return _print(report.threads(result), result, args.out, "bench-threads.json")
 
 
 def _prompt_reuse(args: argparse.Namespace) -> int:
-    from daemon.bench import report  # noqa: PLC0415
+    from daemon.bench import prompt_reuse, report  # noqa: PLC0415 - loads llama.cpp
     from daemon.bench.harness import resolve_model, resolve_threads  # noqa: PLC0415
-    from daemon.bench.prompt_reuse import run_prompt_reuse  # noqa: PLC0415
 
-    result = run_prompt_reuse(
+    result = prompt_reuse.run_prompt_reuse(
         reps=args.reps,
         threads=resolve_threads(args.threads),
         model=resolve_model(args.model),
-        out_dir=args.out,
     )
-    return _print(report.prompt_reuse(result), args.out, "bench-prompt-reuse.json")
+    return _print(report.prompt_reuse(result), result, args.out, "bench-prompt-reuse.json")
 
 
 def _contention(args: argparse.Namespace) -> int:
-    from daemon.bench import report  # noqa: PLC0415
+    from daemon.bench import contention, report  # noqa: PLC0415 - loads llama.cpp
     from daemon.bench.cgroup import CgroupError  # noqa: PLC0415
-    from daemon.bench.contention import parse_variants, run_contention  # noqa: PLC0415
 
     try:
-        result = run_contention(
+        result = contention.run_contention(
             reps=args.reps,
             tokens=args.tokens,
             threads=args.threads,
             hogs=args.hogs,
             model=args.model,
-            out_dir=args.out,
-            variants=parse_variants(args.omp_variants),
+            variants=contention.parse_variants(args.omp_variants),
             cpu_quota=args.cpu_quota,
         )
     except (ValueError, CgroupError) as error:
         return _failed(error)
-    return _print(report.contention(result), args.out, "bench-contention.json")
+    return _print(report.contention(result), result, args.out, "bench-contention.json")
 
 
 def _chunking(args: argparse.Namespace) -> int:
-    from daemon.bench import report  # noqa: PLC0415
-    from daemon.bench.chunking import run_chunking  # noqa: PLC0415
+    from daemon.bench import chunking, report  # noqa: PLC0415 - loads llama.cpp
 
-    result = run_chunking(
+    result = chunking.run_chunking(
         reps=args.reps,
         tokens=args.tokens,
         threads=args.threads,
         flushes_ms=[float(ms) for ms in args.flush_ms.split(",")],
         model=args.model,
-        out_dir=args.out,
     )
-    return _print(report.chunking(result), args.out, "bench-chunking.json")
+    return _print(report.chunking(result), result, args.out, "bench-chunking.json")
 
 
 def _telemetry(args: argparse.Namespace) -> int:
-    from daemon.bench import report  # noqa: PLC0415
-    from daemon.bench.telemetry import run_telemetry  # noqa: PLC0415
+    from daemon.bench import report, telemetry  # noqa: PLC0415 - loads llama.cpp
 
-    result = run_telemetry(
-        reps=args.reps, tokens=args.tokens, threads=args.threads, model=args.model, out_dir=args.out
+    result = telemetry.run_telemetry(
+        reps=args.reps, tokens=args.tokens, threads=args.threads, model=args.model
     )
-    return _print(report.telemetry(result), args.out, "bench-telemetry.json")
+    return _print(report.telemetry(result), result, args.out, "bench-telemetry.json")
 
 
 def _grammar(args: argparse.Namespace) -> int:
-    from daemon.bench import report  # noqa: PLC0415
-    from daemon.bench.grammar import run_grammar  # noqa: PLC0415
+    from daemon.bench import grammar, report  # noqa: PLC0415 - loads llama.cpp
     from daemon.bench.harness import resolve_model, resolve_threads  # noqa: PLC0415
 
-    result = run_grammar(
+    result = grammar.run_grammar(
         reps=args.reps,
         tokens=args.tokens,
         threads=resolve_threads(args.threads),
         models=[resolve_model(args.model), *args.gguf],
-        out_dir=args.out,
     )
-    return _print(report.grammar(result), args.out, "bench-grammar.json")
+    return _print(report.grammar(result), result, args.out, "bench-grammar.json")
 
 
 def _answers(args: argparse.Namespace) -> int:
-    from daemon.bench import report  # noqa: PLC0415
-    from daemon.bench.answers import run_answers  # noqa: PLC0415
+    from daemon.bench import answers, report  # noqa: PLC0415 - loads llama.cpp
     from daemon.bench.harness import resolve_model, resolve_threads  # noqa: PLC0415
 
-    result = run_answers(
+    result = answers.run_answers(
         reps=args.reps,
         threads=resolve_threads(args.threads),
         model=resolve_model(args.model),
-        out_dir=args.out,
     )
-    return _print(report.answers(result), args.out, "bench-answers.json")
+    return _print(report.answers(result), result, args.out, "bench-answers.json")
 
 
 def _conversation(args: argparse.Namespace) -> int:
-    from daemon.bench import report  # noqa: PLC0415
-    from daemon.bench.conversation import run_conversation  # noqa: PLC0415
+    from daemon.bench import conversation, report  # noqa: PLC0415 - loads llama.cpp
     from daemon.bench.harness import resolve_model, resolve_threads  # noqa: PLC0415
 
-    result = run_conversation(
+    result = conversation.run_conversation(
         reps=args.reps,
         threads=resolve_threads(args.threads),
         model=resolve_model(args.model),
-        out_dir=args.out,
         conversations=args.conversations,
         max_state_mb=args.max_state_mb,
     )
-    return _print(report.conversation(result), args.out, "bench-conversation.json")
+    return _print(report.conversation(result), result, args.out, "bench-conversation.json")
 
 
 def _fleet(args: argparse.Namespace) -> int:
-    from daemon.bench import report  # noqa: PLC0415
-    from daemon.bench.fleet import run_fleet  # noqa: PLC0415
+    from daemon.bench import fleet, report  # noqa: PLC0415 - loads llama.cpp
 
-    result = run_fleet(kiosks=_numbers(args.kiosks), reps=args.reps, out_dir=args.out)
-    return _print(report.fleet(result), args.out, "bench-fleet.json")
+    result = fleet.run_fleet(kiosks=_numbers(args.kiosks), reps=args.reps)
+    return _print(report.fleet(result), result, args.out, "bench-fleet.json")
 
 
 def _web(args: argparse.Namespace) -> int:
-    from daemon.bench import report  # noqa: PLC0415
-    from daemon.bench.web import run_web  # noqa: PLC0415
+    from daemon.bench import report, web  # noqa: PLC0415 - loads llama.cpp
 
     try:
-        result = run_web(reps=args.reps, tokens=args.tokens, idle_s=args.idle_s, out_dir=args.out)
+        result = web.run_web(reps=args.reps, tokens=args.tokens, idle_s=args.idle_s)
     except (RuntimeError, TimeoutError) as error:
         return _failed(error)
-    return _print(report.web(result), args.out, "bench-web.json")
+    return _print(report.web(result), result, args.out, "bench-web.json")
