@@ -22,7 +22,7 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     bench = commands.add_parser(
         "bench", help="measure kioskd (docs/benchmarks.md); `kioskd bench -h` lists the benchmarks"
     )
-    modes = bench.add_subparsers(required=True, metavar="BENCHMARK")
+    modes = bench.add_subparsers(required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--reps", type=int, default=5, help="repetitions (default 5)")
     common.add_argument("--out", type=Path, default=Path("bench-results"), help="output dir")
