@@ -22,7 +22,7 @@ from daemon.bench.contention import (
     cpu_hogs,
     parse_variants,
 )
-from daemon.bench.harness import Machine, Run, jsonable
+from daemon.bench.results import Machine, Run, jsonable
 from tests.conftest import REPO
 
 

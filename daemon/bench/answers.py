@@ -7,12 +7,8 @@ import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from daemon.bench.harness import (
-    command_line,
-    engine_settings,
-    generate_silently,
-    progress,
-)
+from daemon.bench.harness import engine_settings, generate_silently, progress
+from daemon.bench.results import command_line
 from daemon.config import Config
 from daemon.engine import Engine
 

@@ -9,16 +9,14 @@ import statistics
 from dataclasses import dataclass, field
 
 from daemon.bench.harness import (
-    FLATTEN,
     DaemonSpec,
-    Run,
     ask_streamed,
     interleave,
     private_daemons,
     resolve_model,
     resolve_threads,
-    this_run,
 )
+from daemon.bench.results import FLATTEN, Run, this_run
 from daemon.bench.stats import gap_p99_ms, median_or_none
 
 

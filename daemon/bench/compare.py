@@ -19,11 +19,9 @@ import llama_cpp
 import psutil
 
 from daemon.bench.harness import (
-    FLATTEN,
     KIOSKD_PREFIX,
     QUESTION,
     DaemonSpec,
-    Run,
     Sample,
     ask_streamed,
     bench_engine,
@@ -33,8 +31,8 @@ from daemon.bench.harness import (
     raw_llama,
     resolve_model,
     resolve_threads,
-    this_run,
 )
+from daemon.bench.results import FLATTEN, Run, this_run
 from daemon.bench.stats import gap_p99_ms, median_or_none, percentile
 from daemon.config import LimitsConfig
 from daemon.engine import Engine

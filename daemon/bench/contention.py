@@ -28,16 +28,8 @@ from daemon.bench.cgroup import (
     cpu_cgroup_mount,
     quota_groups,
 )
-from daemon.bench.harness import (
-    FLATTEN,
-    DaemonSpec,
-    Run,
-    interleave,
-    mqtt_sample,
-    private_daemons,
-    resolve_model,
-    this_run,
-)
+from daemon.bench.harness import DaemonSpec, interleave, mqtt_sample, private_daemons, resolve_model
+from daemon.bench.results import FLATTEN, Run, this_run
 from daemon.bench.stats import Ratio, median_or_none, paired_ratio
 
 # None unsets the variable: "default" is libgomp as shipped, whatever the calling shell has set.

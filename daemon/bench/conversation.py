@@ -26,17 +26,14 @@ import psutil
 from daemon import seqstate
 from daemon.asker import ask
 from daemon.bench.harness import (
-    OMIT_IF_NONE,
     DaemonSpec,
-    Machine,
     bench_engine,
-    command_line,
     generate_silently,
-    machine,
     private_daemons,
     progress,
     rotated,
 )
+from daemon.bench.results import OMIT_IF_NONE, Machine, command_line, machine
 from daemon.conversations import ConversationStore
 from daemon.turns import Turns
 

@@ -23,14 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.bench.harness import (
-    IGNORE_EOS,
-    command_line,
-    progress,
-    spawn,
-    write_config,
-)
+from daemon.bench.harness import IGNORE_EOS, progress, spawn, write_config
 from daemon.bench.localbroker import LocalBroker, free_port
+from daemon.bench.results import command_line
 from daemon.broker import Connection, Inbound
 
 _TOKEN_DELAY_MS = 250

@@ -18,14 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.bench.harness import (
-    Machine,
-    bench_engine,
-    command_line,
-    generate_silently,
-    interleave,
-    machine,
-)
+from daemon.bench.harness import bench_engine, generate_silently, interleave
+from daemon.bench.results import Machine, command_line, machine
 from daemon.engine import Engine
 from daemon.grammar import answer_format
 from daemon.llamacpp import lib

@@ -7,7 +7,8 @@ import statistics
 from dataclasses import dataclass, field
 
 from daemon.bench import harness
-from daemon.bench.harness import FLATTEN, DaemonSpec, Run
+from daemon.bench.harness import DaemonSpec
+from daemon.bench.results import FLATTEN, Run, this_run
 
 FAST, OFF = "bench/telemetry-1s", "bench/telemetry-off"
 
@@ -46,7 +47,7 @@ def run_telemetry(
     fast, off = statistics.median(rates[FAST]), statistics.median(rates[OFF])
     ratios = [a / b for a, b in zip(rates[FAST], rates[OFF], strict=True)]
     return TelemetryResult(
-        run=harness.this_run(resolved, thread_count, reps),
+        run=this_run(resolved, thread_count, reps),
         tokens=tokens,
         telemetry_1s_tokens_per_s_median=round(fast, 2),
         telemetry_off_tokens_per_s_median=round(off, 2),

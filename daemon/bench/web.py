@@ -23,8 +23,9 @@ from typing import Any
 import psutil
 
 from daemon.asker import read_retained
-from daemon.bench.harness import command_line, spawn, write_config
+from daemon.bench.harness import spawn, write_config
 from daemon.bench.localbroker import LocalBroker, free_port, wait_listening
+from daemon.bench.results import command_line
 from daemon.bench.stats import median
 
 QUESTION = "What is MQTT?"

@@ -156,7 +156,7 @@ def _numbers(text: str) -> list[int]:
 
 def _print(report: str, result: object, out_dir: Path, name: str) -> int:
     """Write the result as out_dir/NAME (JSON), and print its report and where the file is."""
-    from daemon.bench.harness import write_result  # noqa: PLC0415 - loads llama.cpp
+    from daemon.bench.results import write_result  # noqa: PLC0415
 
     path = write_result(result, out_dir, name)
     print(report)
