@@ -118,8 +118,8 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     add("answers", "answer lengths of the model on tests/data/factory-questions.txt", _answers)
     conversation = add(
         "conversation",
-        "a saved conversation state against reading the history "
-        "again; many conversations through one daemon",
+        "a saved conversation state against reading the history again; many conversations "
+        "through one daemon",
         _conversation,
     )
     conversation.add_argument(
