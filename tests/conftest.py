@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from daemon.localbroker import MOSQUITTO, LocalBroker, free_port, wait_listening
+from daemon.bench.localbroker import MOSQUITTO, LocalBroker, free_port, wait_listening
 from tests.mqtt_client import TestClient
 
 REPO = Path(__file__).resolve().parent.parent

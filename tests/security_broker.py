@@ -25,7 +25,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from daemon.localbroker import launch, terminate
+from daemon.bench.localbroker import launch, terminate
 from tests.conftest import REPO, free_port
 from tests.mqtt_client import TestClient
 

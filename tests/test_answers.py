@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 
 from daemon import exitcodes, testhooks
-from daemon.bench_synth import scripted_qwen2
+from daemon.bench.synth import scripted_qwen2
 from daemon.engine import Engine, EngineSettings
 from daemon.framing import STOPS
 from daemon.grammar import answer_format

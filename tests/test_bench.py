@@ -1,4 +1,4 @@
-"""Smoke test of `kioskd bench` itself (raw loop against the daemon): a tiny run, its JSON."""
+"""Smoke test of `kioskd bench compare` (raw loop against the daemon): a tiny run, its JSON."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def test_bench_measures_both_systems_and_writes_its_figures(
 ) -> None:
     result = subprocess.run(
         [
-            *(sys.executable, "-m", "daemon", "bench", "--reps", "2", "--tokens", "4,8"),
+            *(sys.executable, "-m", "daemon", "bench", "compare", "--reps", "2", "--tokens", "4,8"),
             *("--idle-s", "0.5", "--model", str(model_path), "--out", str(tmp_path)),
         ],
         cwd=REPO,
@@ -43,7 +43,7 @@ def test_bench_measures_both_systems_and_writes_its_figures(
     for length in ("4", "8"):
         row = figures["summary"][length]
         assert row["ratio_kioskd_over_raw"] > 0
-        assert "server_decode_tokens_per_s" not in row  # only with --vs-server
+        assert "server_decode_tokens_per_s" not in row  # only with `kioskd bench server`
     model_mib = model_path.stat().st_size / 2**20
     assert figures["kioskd_rss_mib"] > model_mib / 2  # the weights are in memory
     # A 2000-character prompt touches scratch memory that the short questions did not.

@@ -1,4 +1,4 @@
-"""Smoke tests of `kioskd bench --contention` and `--chunking`: tiny runs, JSON, invariants."""
+"""Smoke tests of `kioskd bench contention` and `chunking`: tiny runs, JSON, invariants."""
 
 from __future__ import annotations
 
@@ -12,22 +12,27 @@ from typing import Any
 
 import pytest
 
-from daemon.bench_cgroup import CgroupError, CgroupMount, cpu_cgroup_mount, quota_groups
-from daemon.bench_contention import (
+from daemon.bench import report
+from daemon.bench.cgroup import CgroupError, CgroupMount, cpu_cgroup_mount, quota_groups
+from daemon.bench.contention import (
+    ContentionResult,
     ContentionSample,
+    CpuQuota,
     contention_summary,
     cpu_hogs,
     parse_variants,
-    render_contention,
 )
+from daemon.bench.results import Machine, Run, jsonable
 from tests.conftest import REPO
 
 
-def _bench(tmp_path: Path, model_path: Path, *args: str, env: dict[str, str]) -> None:
+def _bench(
+    tmp_path: Path, model_path: Path, benchmark: str, *args: str, env: dict[str, str]
+) -> None:
     # The bench starts its own broker and daemons; a fetched production model must not be used.
     result = subprocess.run(
         [
-            *(sys.executable, "-m", "daemon", "bench", "--reps", "1", "--tokens", "8"),
+            *(sys.executable, "-m", "daemon", "bench", benchmark, "--reps", "1", "--tokens", "8"),
             *("--model", str(model_path), "--out", str(tmp_path), *args),
         ],
         cwd=REPO,
@@ -50,7 +55,7 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def test_chunking_counts_messages_and_keeps_the_text(tmp_path: Path, model_path: Path) -> None:
-    _bench(tmp_path, model_path, "--chunking", "--flush-ms", "0,200", env={})
+    _bench(tmp_path, model_path, "chunking", "--flush-ms", "0,200", env={})
     result = _load(tmp_path / "bench-chunking.json")
 
     assert result["flushes_ms"] == [0.0, 200.0]
@@ -74,7 +79,7 @@ def test_chunking_counts_messages_and_keeps_the_text(tmp_path: Path, model_path:
 def test_contention_measures_every_cell(tmp_path: Path, model_path: Path) -> None:
     # Settings in the caller's shell must not reach the "default" variant.
     caller = {"GOMP_SPINCOUNT": "12345", "OMP_WAIT_POLICY": "ACTIVE"}
-    _bench(tmp_path, model_path, "--contention", "--hogs", "1", env=caller)
+    _bench(tmp_path, model_path, "contention", "--hogs", "1", env=caller)
     result = _load(tmp_path / "bench-contention.json")
 
     assert result["hogs"] == 1
@@ -122,7 +127,8 @@ def test_contention_runs_each_daemon_under_its_own_cpu_quota(
     _bench(
         tmp_path,
         model_path,
-        *("--contention", "--hogs", "1", "--threads", "1"),
+        "contention",
+        *("--hogs", "1", "--threads", "1"),
         *("--cpu-quota", "150", "--omp-variants", "default,spin-10k"),
         env={},
     )
@@ -161,7 +167,7 @@ def test_a_quota_cgroup_goes_even_with_a_process_inside_and_an_error() -> None:
         with quota_groups(50, ["a", "b"]) as groups:
             made.extend(group.path for group in groups.values())
             groups["a"].add(pid)
-            assert groups["a"].check(pid)["pid_cgroup"] == groups["a"].cgroup
+            assert groups["a"].check(pid).pid_cgroup == groups["a"].cgroup
             raise RuntimeError("the bench failed")
 
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as sleeper:
@@ -221,24 +227,27 @@ def test_variants_summary_and_table() -> None:
         for rep, rate in enumerate(values)
     ]
     summary = contention_summary(samples, ["default", "passive"])
-    passive = summary["passive"]
+    passive = jsonable(summary["passive"])
     assert passive["quiet_tokens_per_s_median"] == 30.0
     assert passive["loaded_over_quiet"] == 0.733
     assert passive["over_default_quiet"] == round(30 / 41, 3)
     assert passive["over_default_loaded"] == 2.0
     assert passive["over_default_loaded_median_of_pairs"] == 2.0
     assert passive["loaded_throttled_share_median"] == 0.5
-    assert "over_default_quiet" not in contention_summary(samples, ["passive"])["passive"]
-    table = render_contention(
-        {
-            "tokens": 64,
-            "threads": 2,
-            "hogs": 1,
-            "reps": 2,
-            "variants": ["default", "passive"],
-            "cpu_quota": {"percent": 150.0, "kind": "v1"},
-            "summary": summary,
-        }
+    assert "over_default_quiet" not in jsonable(contention_summary(samples, ["passive"])["passive"])
+    table = report.contention(
+        ContentionResult(
+            run=Run("kioskd bench contention", "model.gguf", 2, 2, Machine(2, "0.3")),
+            hogs=1,
+            tokens=64,
+            variants=["default", "passive"],
+            variant_env={},
+            caller_openmp_env={},
+            daemon_openmp={},
+            cpu_quota=CpuQuota(150.0, 100_000, 150_000, "v1", "/sys/fs/cgroup/cpu"),
+            summary=summary,
+            samples=samples,
+        )
     )
     assert "CPU quota 150% per daemon (cgroup v1)" in table
     assert "passive     30.0   22.0" in table

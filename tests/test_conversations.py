@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from daemon.bench_conversation import run_many
-from daemon.bench_synth import tiny_qwen2
+from daemon.bench.conversation import run_many
+from daemon.bench.synth import tiny_qwen2
 from tests.conftest import DaemonFactory
 from tests.mqtt_client import TestClient, assert_well_formed
 
@@ -277,8 +277,8 @@ def test_many_conversations_keep_memory_and_disk_within_max_state_mb(model_path:
     # kioskd bench conversation's second part, smaller: 24 conversations of 3 turns, 8 at a
     # time, through one daemon whose state budget holds only a few of them.
     result = run_many(conversations=24, threads=1, model=model_path, max_state_mb=4, max_active=8)
-    assert result["turns"] == 72
-    assert result["rss_growth_mib"] <= 4 + 30
+    assert result.turns == 72
+    assert result.rss_growth_mib <= 4 + 30
     # State files within the budget; the text files beside them are about 1 KiB each.
-    assert result["files_peak_mib"] <= 4 + 8 * 4 / 1024
-    assert result["files_after_shutdown_mib"] > 0, "conversations were saved"
+    assert result.files_peak_mib <= 4 + 8 * 4 / 1024
+    assert result.files_after_shutdown_mib > 0, "conversations were saved"

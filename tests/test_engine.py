@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from daemon import testhooks
-from daemon.bench import raw_llama
+from daemon.bench.harness import raw_llama
 from daemon.engine import Engine, EngineSettings
 from daemon.generation import Generation
 

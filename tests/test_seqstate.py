@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from daemon import seqstate, testhooks
-from daemon.bench_synth import tiny_qwen2
+from daemon.bench.synth import tiny_qwen2
 from daemon.engine import Engine, EngineSettings
 from daemon.generation import Generation
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from daemon import testhooks
-from daemon.bench_synth import qwen_vocabulary, tiny_qwen2
+from daemon.bench.synth import qwen_vocabulary, tiny_qwen2
 from daemon.engine import Engine, EngineSettings
 from tests.conftest import DaemonFactory
 from tests.mqtt_client import TestClient, assert_well_formed

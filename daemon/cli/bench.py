@@ -1,309 +1,310 @@
-"""`kioskd bench`: measure kioskd over MQTT against the raw llama-cpp-python loop
-(docs/benchmarks.md).
+"""`kioskd bench SUBCOMMAND`: the benchmarks of docs/benchmarks.md, one subcommand each.
 
-Every benchmark module is imported inside its handler: they load llama.cpp and start daemons.
+Every benchmark module is imported inside its handler: they load llama.cpp and start daemons,
+and the runtime never imports daemon.bench. The handlers print what daemon.bench.report makes
+of the typed results.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from daemon import exitcodes
 from daemon.cli.service import console_logging
 
+Handler = Callable[[argparse.Namespace], int]
+
 
 def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = commands.add_parser(
-        "bench", help="measure kioskd over MQTT against the raw llama-cpp-python loop"
+        "bench", help="measure kioskd (docs/benchmarks.md); `kioskd bench -h` lists the benchmarks"
     )
-    bench.add_argument(
-        "mode",
-        nargs="*",
-        help="grammar [GGUF ...], answers, or conversation (docs/benchmarks.md)",
+    modes = bench.add_subparsers(required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--reps", type=int, default=5, help="repetitions (default 5)")
+    common.add_argument("--out", type=Path, default=Path("bench-results"), help="output dir")
+    model = argparse.ArgumentParser(add_help=False, parents=[common])
+    model.add_argument("--model", help="GGUF file (default: as kioskd resolves it)")
+    model.add_argument("--threads", type=int, help="model threads (default: as kioskd)")
+    tokens = argparse.ArgumentParser(add_help=False)
+    tokens.add_argument("--tokens", type=int, default=512, help="answer length (default 512)")
+    idle = argparse.ArgumentParser(add_help=False)
+    idle.add_argument("--idle-s", type=float, default=60.0, help="then measure idle CPU this long")
+
+    def add(
+        name: str, help_text: str, handler: Handler, *parents: argparse.ArgumentParser
+    ) -> argparse.ArgumentParser:
+        parser = modes.add_parser(name, help=help_text, parents=list(parents or [model]))
+        parser.set_defaults(handler=_quietly(handler))
+        return parser
+
+    lengths = argparse.ArgumentParser(add_help=False)
+    lengths.add_argument("--tokens", default="64,512", help="answer lengths, comma-separated")
+    add(
+        "compare",
+        "kioskd over MQTT against the raw llama-cpp-python loop, RSS, idle CPU",
+        _compare,
+        model,
+        lengths,
+        idle,
     )
-    bench.add_argument(
-        "--conversations",
-        type=int,
-        default=200,
-        help="with conversation: conversations of 3 turns through one daemon (0: skip)",
+    add(
+        "server",
+        "the same plus llama_cpp.server behind an MQTT bridge (llama-cpp-python[server])",
+        _server,
+        model,
+        lengths,
+        idle,
     )
-    bench.add_argument(
-        "--max-state-mb",
-        type=float,
-        default=16.0,
-        help="with conversation: the daemon's conversations.max_state_mb",
+    add(
+        "threads",
+        "prefill and decode speed at 1..--threads threads, recommended settings",
+        _threads,
     )
-    bench.add_argument("--reps", type=int, default=5, help="repetitions per length")
-    bench.add_argument("--tokens", default="64,512", help="answer lengths, comma-separated")
-    bench.add_argument("--threads", type=int, help="model threads (default: as kioskd)")
-    bench.add_argument("--model", help="GGUF file (default: as kioskd resolves it)")
-    bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output dir")
-    bench.add_argument(
-        "--vs-server",
-        action="store_true",
-        help="also measure llama_cpp.server + an MQTT bridge (needs llama-cpp-python[server])",
+    add(
+        "prompt-reuse",
+        "time to first token with and without the system prompt's KV cache",
+        _prompt_reuse,
     )
-    bench.add_argument(
-        "--idle-s", type=float, default=60.0, help="then measure idle CPU for this long"
+    contention = add(
+        "contention",
+        "decode speed beside busy processes per OpenMP setting (threads default to all CPUs)",
+        _contention,
+        model,
+        tokens,
     )
-    bench.add_argument(
-        "--prompt-reuse",
-        action="store_true",
-        help="instead: time to first token with and without the system prompt's KV cache",
-    )
-    bench.add_argument(
-        "--threads-sweep",
-        action="store_true",
-        help="instead: decode and prefill speed at 1..N threads, with recommended settings",
-    )
-    bench.add_argument(
-        "--telemetry-overhead",
-        action="store_true",
-        help="instead: decode speed with health every 1 s against telemetry off",
-    )
-    bench.add_argument(
-        "--contention",
-        action="store_true",
-        help="instead: decode speed beside busy processes, OpenMP default against the unit's "
-        "passive settings (model threads default to all logical CPUs)",
-    )
-    bench.add_argument(
-        "--hogs", type=int, default=1, help="with --contention: busy processes during 'loaded'"
-    )
-    bench.add_argument(
+    contention.add_argument("--hogs", type=int, default=1, help="busy processes when 'loaded'")
+    contention.add_argument(
         "--omp-variants",
         default="default,passive",
-        help="with --contention: OpenMP settings to compare, comma-separated, from default, "
-        "passive, spin-10k, spin-100k (GOMP_SPINCOUNT)",
+        help="OpenMP settings to compare, comma-separated, from default, passive, spin-10k, "
+        "spin-100k (GOMP_SPINCOUNT)",
     )
-    bench.add_argument(
+    contention.add_argument(
         "--cpu-quota",
         type=float,
         metavar="PERCENT",
-        help="with --contention: run each daemon in its own new cgroup limited to PERCENT %% of "
-        "one CPU (150: 1.5 cores), as systemd's CPUQuota=; needs root",
+        help="run each daemon in its own new cgroup limited to PERCENT %% of one CPU (150: 1.5 "
+        "cores), as systemd's CPUQuota=; needs root",
     )
-    bench.add_argument(
-        "--chunking",
-        action="store_true",
-        help="instead: messages per answer, first chunk and tok/s for each stream.flush_ms",
+    chunking = add(
+        "chunking",
+        "messages per answer, first chunk and tok/s per stream.flush_ms",
+        _chunking,
+        model,
+        tokens,
     )
-    bench.add_argument(
-        "--flush-ms",
-        default="0,50,200",
-        help="with --chunking: stream.flush_ms values, comma-separated",
+    chunking.add_argument(
+        "--flush-ms", default="0,50,200", help="stream.flush_ms values, comma-separated"
     )
-    bench.add_argument(
-        "--web",
-        action="store_true",
-        help="instead: the touch page in headless Chromium: click to first text minus the "
-        "daemon's first token, and kioskd web's RSS and idle CPU",
+    add(
+        "telemetry",
+        "decode speed with health every 1 s against telemetry off",
+        _telemetry,
+        model,
+        tokens,
     )
-    bench.add_argument(
-        "--fleet",
-        action="store_true",
-        help="instead: questions per second of 1, 2, 3... kiosks sharing one fleet (token-delay "
-        "hook)",
+    grammar = add(
+        "grammar",
+        "JSON answers under a grammar against free decoding, per mode",
+        _grammar,
+        model,
+        tokens,
     )
-    bench.add_argument(
-        "--kiosks", default="1,2,3", help="with --fleet: fleet sizes, comma-separated"
+    grammar.add_argument("gguf", nargs="*", type=Path, help="more models to measure")
+    add("answers", "answer lengths of the model on tests/data/factory-questions.txt", _answers)
+    conversation = add(
+        "conversation",
+        "a saved conversation state against reading the history again; many conversations "
+        "through one daemon",
+        _conversation,
     )
-    bench.set_defaults(handler=_bench)
+    conversation.add_argument(
+        "--conversations", type=int, default=200, help="conversations of 3 turns (0: skip)"
+    )
+    conversation.add_argument(
+        "--max-state-mb", type=float, default=16.0, help="the daemon's conversations.max_state_mb"
+    )
+    fleet = add(
+        "fleet", "questions per second of 1, 2, 3... kiosks sharing one fleet", _fleet, common
+    )
+    fleet.add_argument("--kiosks", default="1,2,3", help="fleet sizes, comma-separated")
+    add(
+        "web",
+        "the touch page in headless Chromium: click to first text, kioskd web's RSS and idle CPU",
+        _web,
+        common,
+        tokens,
+        idle,
+    )
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from daemon.bench import run_bench  # noqa: PLC0415 - loads llama.cpp
+def _quietly(handler: Handler) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        console_logging("WARNING")
+        return handler(args)
 
-    console_logging("WARNING")
-    lengths = [int(n) for n in args.tokens.split(",")]
-    if args.mode and args.mode[0] == "conversation":
-        return _bench_conversation(args)
-    if args.mode:
-        from daemon.bench_grammar import main as bench_grammar  # noqa: PLC0415
+    return run
 
-        return bench_grammar(args, max(lengths))
-    if args.fleet:
-        from daemon.bench_fleet import main as bench_fleet  # noqa: PLC0415
 
-        kiosks = [int(n) for n in args.kiosks.split(",")]
-        return bench_fleet(kiosks=kiosks, reps=args.reps, out_dir=args.out)
-    if args.web:
-        from daemon.bench_web import main as bench_web  # noqa: PLC0415
+def _numbers(text: str) -> list[int]:
+    return [int(n) for n in text.split(",")]
 
-        return bench_web(reps=args.reps, tokens=max(lengths), out_dir=args.out, idle_s=args.idle_s)
-    if args.prompt_reuse or args.threads_sweep:
-        return _bench_model(args)
-    if args.contention or args.chunking:
-        return _bench_load(args, max(lengths))
-    if args.telemetry_overhead:
-        from daemon.bench import run_telemetry_bench  # noqa: PLC0415
 
-        telemetry = run_telemetry_bench(
-            reps=args.reps,
-            tokens=max(lengths),
-            threads=args.threads,
-            model=args.model,
-            out_dir=args.out,
-        )
-        print(
-            f"{telemetry['tokens']} tokens, {telemetry['reps']} reps: telemetry every 1 s "
-            f"{telemetry['telemetry_1s_tokens_per_s_median']} tok/s, off "
-            f"{telemetry['telemetry_off_tokens_per_s_median']} tok/s; drop "
-            f"{telemetry['drop_percent_median_of_pairs']} % (median of paired runs)"
-        )
-        print(f"full results: {args.out / 'bench-telemetry.json'}")
-        return exitcodes.OK
-    result = run_bench(
+def _print(report: str, result: object, out_dir: Path, name: str) -> int:
+    """Write the result as out_dir/NAME (JSON), and print its report and where the file is."""
+    from daemon.bench.results import write_result  # noqa: PLC0415
+
+    path = write_result(result, out_dir, name)
+    print(report)
+    print(f"full results: {path}")
+    return exitcodes.OK
+
+
+def _failed(error: Exception) -> int:
+    print(f"kioskd bench: {error}", file=sys.stderr)
+    return exitcodes.FAILURE
+
+
+def _compare(args: argparse.Namespace, *, vs_server: bool = False) -> int:
+    from daemon.bench import compare, report  # noqa: PLC0415 - loads llama.cpp
+
+    result = compare.run_compare(
         reps=args.reps,
-        lengths=lengths,
+        lengths=_numbers(args.tokens),
         threads=args.threads,
         model=args.model,
-        out_dir=args.out,
         idle_s=args.idle_s,
-        vs_server=args.vs_server,
+        vs_server=vs_server,
     )
-    print(
-        f"model {result['model']}, {result['threads']} threads, {result['reps']} reps; "
-        f"kioskd RSS {result['kioskd_rss_mib']} MiB, "
-        f"{result['kioskd_rss_after_longest_question_mib']} MiB after the longest question "
-        f"(budget {result['rss_budget_mib']} MiB), "
-        f"idle CPU {result['kioskd_idle_cpu_percent_of_one_core']} % of a core"
-    )
-    print(
-        f"{'tokens':>6} {'raw tok/s':>10} {'kioskd tok/s':>13} {'ratio':>7} {'paired':>7} "
-        f"{'overhead ms (median/p99)':>26} {'gap p99 ms raw/kioskd':>22}"
-    )
-    for length, row in result["summary"].items():
-        print(
-            f"{length:>6} {row['raw_decode_tokens_per_s']:>10} "
-            f"{row['kioskd_decode_tokens_per_s']:>13} {row['ratio_kioskd_over_raw']:>7} "
-            f"{row['ratio_median_of_pairs']:>7} "
-            f"{row['first_chunk_overhead_ms_median']:>13} / "
-            f"{row['first_chunk_overhead_ms_p99']:<10} "
-            f"{row['raw_gap_p99_ms']:>10} / {row['kioskd_gap_p99_ms']}"
-        )
-    for length, row in result["summary"].items():
-        if "server_decode_tokens_per_s" in row:
-            print(
-                f"{length:>6} llama_cpp.server + bridge: {row['server_decode_tokens_per_s']} "
-                f"tok/s, first chunk {row['server_first_chunk_ms']} ms (kioskd "
-                f"{row['kioskd_first_chunk_ms']} ms), gap p99 {row['server_gap_p99_ms']} ms; "
-                f"kioskd/server {row['ratio_kioskd_over_server']} (paired "
-                f"{row['ratio_kioskd_over_server_median_of_pairs']})"
-            )
-    pooled = result["first_chunk_all_lengths"]
-    if pooled is not None:
-        print(
-            f"first chunk over all lengths ({pooled['samples_per_system']} answers each): kioskd "
-            f"{pooled['kioskd_ms_median']} ms, server {pooled['server_ms_median']} ms, raw "
-            f"{pooled['raw_ms_median']} ms; kioskd - server "
-            f"{pooled['kioskd_minus_server_ms_median_of_pairs']} ms (median of pairs), kioskd "
-            f"sooner in {pooled['kioskd_sooner_in_pairs']}"
-        )
-    if result["server_rss_mib"] is not None:
-        print(
-            f"llama_cpp.server RSS {result['server_rss_mib']} MiB, idle CPU "
-            f"{result['server_idle_cpu_percent_of_one_core']} % of a core"
-        )
     try:
-        from daemon.bench_chart import render  # noqa: PLC0415
-
-        print(f"chart: {render(result, args.out / 'bench.png')}")
+        chart = f"chart: {report.chart(result, args.out / 'bench.png')}"
     except ImportError:
-        print("no chart: install the bench extra (pip install -e '.[bench]') for matplotlib")
-    print(f"full results: {args.out / 'bench.json'}")
-    return exitcodes.OK
+        chart = "no chart: install the bench extra (pip install -e '.[bench]') for matplotlib"
+    return _print(f"{report.compare(result)}\n{chart}", result, args.out, "bench.json")
 
 
-def _bench_load(args: argparse.Namespace, tokens: int) -> int:
-    # Imported here: these start daemons that load llama.cpp.
-    from daemon import bench_cgroup, bench_contention, bench_load  # noqa: PLC0415
-
-    if args.contention:
-        try:
-            variants = bench_contention.parse_variants(args.omp_variants)
-        except ValueError as error:
-            print(f"kioskd bench: {error}", file=sys.stderr)
-            return exitcodes.FAILURE
-        try:
-            contention = bench_contention.run_contention_bench(
-                reps=args.reps,
-                tokens=tokens,
-                threads=args.threads,
-                hogs=args.hogs,
-                model=args.model,
-                out_dir=args.out,
-                variants=variants,
-                cpu_quota=args.cpu_quota,
-            )
-        except bench_cgroup.CgroupError as error:
-            print(f"kioskd bench: {error}", file=sys.stderr)
-            return exitcodes.FAILURE
-        print(bench_contention.render_contention(contention))
-        print(f"full results: {args.out / 'bench-contention.json'}")
-    if args.chunking:
-        chunking = bench_load.run_chunking_bench(
-            reps=args.reps,
-            tokens=tokens,
-            threads=args.threads,
-            flushes_ms=[float(ms) for ms in args.flush_ms.split(",")],
-            model=args.model,
-            out_dir=args.out,
-        )
-        print(bench_load.render_chunking(chunking))
-        print(f"full results: {args.out / 'bench-chunking.json'}")
-    return exitcodes.OK
+def _server(args: argparse.Namespace) -> int:
+    return _compare(args, vs_server=True)
 
 
-def _bench_conversation(args: argparse.Namespace) -> int:
-    from daemon import bench_conversation  # noqa: PLC0415 - loads llama.cpp
-    from daemon.config import default_threads  # noqa: PLC0415
-    from daemon.models import resolve  # noqa: PLC0415
+def _threads(args: argparse.Namespace) -> int:
+    from daemon.bench import report, threads  # noqa: PLC0415 - loads llama.cpp
+    from daemon.bench.harness import resolve_model  # noqa: PLC0415
 
-    result = bench_conversation.main(
+    result = threads.run_threads(
+        reps=args.reps, model=resolve_model(args.model), max_threads=args.threads
+    )
+    return _print(report.threads(result), result, args.out, "bench-threads.json")
+
+
+def _prompt_reuse(args: argparse.Namespace) -> int:
+    from daemon.bench import prompt_reuse, report  # noqa: PLC0415 - loads llama.cpp
+    from daemon.bench.harness import resolve_model, resolve_threads  # noqa: PLC0415
+
+    result = prompt_reuse.run_prompt_reuse(
         reps=args.reps,
-        threads=args.threads or default_threads(),
-        model=resolve(args.model).path,
-        out_dir=args.out,
+        threads=resolve_threads(args.threads),
+        model=resolve_model(args.model),
+    )
+    return _print(report.prompt_reuse(result), result, args.out, "bench-prompt-reuse.json")
+
+
+def _contention(args: argparse.Namespace) -> int:
+    from daemon.bench import contention, report  # noqa: PLC0415 - loads llama.cpp
+    from daemon.bench.cgroup import CgroupError  # noqa: PLC0415
+
+    try:
+        result = contention.run_contention(
+            reps=args.reps,
+            tokens=args.tokens,
+            threads=args.threads,
+            hogs=args.hogs,
+            model=args.model,
+            variants=contention.parse_variants(args.omp_variants),
+            cpu_quota=args.cpu_quota,
+        )
+    except (ValueError, CgroupError) as error:
+        return _failed(error)
+    return _print(report.contention(result), result, args.out, "bench-contention.json")
+
+
+def _chunking(args: argparse.Namespace) -> int:
+    from daemon.bench import chunking, report  # noqa: PLC0415 - loads llama.cpp
+
+    result = chunking.run_chunking(
+        reps=args.reps,
+        tokens=args.tokens,
+        threads=args.threads,
+        flushes_ms=[float(ms) for ms in args.flush_ms.split(",")],
+        model=args.model,
+    )
+    return _print(report.chunking(result), result, args.out, "bench-chunking.json")
+
+
+def _telemetry(args: argparse.Namespace) -> int:
+    from daemon.bench import report, telemetry  # noqa: PLC0415 - loads llama.cpp
+
+    result = telemetry.run_telemetry(
+        reps=args.reps, tokens=args.tokens, threads=args.threads, model=args.model
+    )
+    return _print(report.telemetry(result), result, args.out, "bench-telemetry.json")
+
+
+def _grammar(args: argparse.Namespace) -> int:
+    from daemon.bench import grammar, report  # noqa: PLC0415 - loads llama.cpp
+    from daemon.bench.harness import resolve_model, resolve_threads  # noqa: PLC0415
+
+    result = grammar.run_grammar(
+        reps=args.reps,
+        tokens=args.tokens,
+        threads=resolve_threads(args.threads),
+        models=[resolve_model(args.model), *args.gguf],
+    )
+    return _print(report.grammar(result), result, args.out, "bench-grammar.json")
+
+
+def _answers(args: argparse.Namespace) -> int:
+    from daemon.bench import answers, report  # noqa: PLC0415 - loads llama.cpp
+    from daemon.bench.harness import resolve_model, resolve_threads  # noqa: PLC0415
+
+    result = answers.run_answers(
+        reps=args.reps,
+        threads=resolve_threads(args.threads),
+        model=resolve_model(args.model),
+    )
+    return _print(report.answers(result), result, args.out, "bench-answers.json")
+
+
+def _conversation(args: argparse.Namespace) -> int:
+    from daemon.bench import conversation, report  # noqa: PLC0415 - loads llama.cpp
+    from daemon.bench.harness import resolve_model, resolve_threads  # noqa: PLC0415
+
+    result = conversation.run_conversation(
+        reps=args.reps,
+        threads=resolve_threads(args.threads),
+        model=resolve_model(args.model),
         conversations=args.conversations,
         max_state_mb=args.max_state_mb,
     )
-    print(bench_conversation.render(result))
-    print(f"full results: {args.out / 'bench-conversation.json'}")
-    return exitcodes.OK
+    return _print(report.conversation(result), result, args.out, "bench-conversation.json")
 
 
-def _bench_model(args: argparse.Namespace) -> int:
-    from daemon.bench import write_result  # noqa: PLC0415
-    from daemon.bench_model import run_prompt_reuse, run_threads_sweep  # noqa: PLC0415
-    from daemon.config import default_threads  # noqa: PLC0415
-    from daemon.models import resolve  # noqa: PLC0415
+def _fleet(args: argparse.Namespace) -> int:
+    from daemon.bench import fleet, report  # noqa: PLC0415 - loads llama.cpp
 
-    model = resolve(args.model).path
-    if args.prompt_reuse:
-        reuse = run_prompt_reuse(
-            reps=args.reps, threads=args.threads or default_threads(), model=model
-        )
-        write_result(reuse, args.out, "bench-prompt-reuse.json")
-        print(
-            f"system prompt {reuse['system_prompt_tokens']} tokens: first token "
-            f"{reuse['first_token_ms_with_reuse_median']} ms with reuse, "
-            f"{reuse['first_token_ms_without_reuse_median']} ms without "
-            f"(-{reuse['reduction_percent']} %)"
-        )
-    if args.threads_sweep:
-        sweep = run_threads_sweep(reps=args.reps, model=model, max_threads=args.threads)
-        write_result(sweep, args.out, "bench-threads.json")
-        for row in sweep["rows"]:
-            print(
-                f"{row['threads']:>2} threads: prefill {row['prefill_tokens_per_s']:>8} tok/s, "
-                f"decode {row['decode_tokens_per_s']:>6} tok/s"
-            )
-        picks = sweep["recommended"]
-        print(
-            f"recommended: model.threads: {picks['model.threads']}, "
-            f"model.threads_batch: {picks['model.threads_batch']}"
-        )
-    return exitcodes.OK
+    result = fleet.run_fleet(kiosks=_numbers(args.kiosks), reps=args.reps)
+    return _print(report.fleet(result), result, args.out, "bench-fleet.json")
+
+
+def _web(args: argparse.Namespace) -> int:
+    from daemon.bench import report, web  # noqa: PLC0415 - loads llama.cpp
+
+    try:
+        result = web.run_web(reps=args.reps, tokens=args.tokens, idle_s=args.idle_s)
+    except (RuntimeError, TimeoutError) as error:
+        return _failed(error)
+    return _print(report.web(result), result, args.out, "bench-web.json")

@@ -100,7 +100,7 @@
   let countdown = null;
   // Sent with every question; a kiosk without conversations ignores it (docs/protocol.md).
   let conversationId = newConversationId();
-  // Click and first-text times per question, for `kioskd bench --web`.
+  // Click and first-text times per question, for `kioskd bench web`.
   window.kioskdTimings = [];
 
   function newConversationId() {

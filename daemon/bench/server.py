@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from daemon.bench.localbroker import free_port
 from daemon.broker import Connection, Inbound
 from daemon.engine import Engine
-from daemon.localbroker import free_port
 from daemon.topics import Topics
 
 BRIDGE_PREFIX = "bench/bridge"

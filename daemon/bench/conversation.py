@@ -13,27 +13,28 @@ costs.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
-import yaml
 
 from daemon import seqstate
 from daemon.asker import ask
-from daemon.bench import command_line, machine, rotated, write_result
+from daemon.bench.harness import (
+    DaemonSpec,
+    bench_engine,
+    generate_silently,
+    private_daemons,
+    progress,
+    rotated,
+)
+from daemon.bench.results import OMIT_IF_NONE, Machine, command_line, machine
 from daemon.conversations import ConversationStore
-from daemon.engine import Engine, EngineSettings
-from daemon.localbroker import LocalBroker, free_port
-from daemon.testhooks import TestHooks
 from daemon.turns import Turns
 
 # A turn of about 250 tokens: a long question (an operator pastes an alarm text) and an answer
@@ -50,18 +51,59 @@ QUESTIONS = [_ALARM.format(n=n) for n in range(1, 5)]
 TURN_5 = "Summarise what we found so far in two sentences."
 OTHER_QUESTION = "Where is the nearest first aid kit?"
 ANSWER_TOKENS = 96
-SYSTEM_PROMPT = "You are a helpful assistant on a factory-floor kiosk. Answer briefly and plainly."
+PREFIX = "bench/conversations"
+
+
+@dataclass(frozen=True)
+class Turn5Result:
+    history_tokens: int
+    turn5_prompt_tokens: int
+    first_token_ms_median: dict[str, float]  # restored, back_to_back, reread
+    cut_by_restore_percent: float
+    cut_back_to_back_percent: float
+    cached_tokens_median: dict[str, float]
+    state_tokens: int
+    state_bytes: int
+    state_bytes_per_token: int
+    restore_ms_median: float
+    save_ms_median: float
+    prefill_same_tokens_ms_median: float
+    samples: dict[str, list[float]]
+
+
+@dataclass(frozen=True)
+class ManyResult:
+    conversations: int
+    turns: int
+    max_state_mb: float
+    max_active: int
+    rss_single_question_mib: float
+    rss_peak_mib: float
+    rss_growth_mib: float
+    rss_allowed_growth_mib: float
+    files_peak_mib: float
+    files_after_shutdown_mib: float
+    follow_up_cached_tokens_median: float | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ConversationResult:
+    command: str
+    machine: Machine
+    model: str  # the file's name
+    turn5: Turn5Result
+    many: ManyResult | None = field(default=None, metadata=OMIT_IF_NONE)  # --conversations 0
 
 
 def _first_token_ms(turns: Turns, question: str, conversation: str | None) -> tuple[float, int]:
     """Time to the first token of a turn that is then stopped (so not remembered)."""
     checks = iter([False])
     started = time.monotonic()
-    result = turns.generate(
+    result = generate_silently(
+        turns.generate,
         question,
         max_tokens=4,
-        temperature=0.0,
-        on_text=lambda _text: None,
         should_stop=lambda: next(checks, True),
         conversation_id=conversation,
     )
@@ -72,33 +114,16 @@ def _first_token_ms(turns: Turns, question: str, conversation: str | None) -> tu
 
 def _history(turns: Turns, conversation: str) -> None:
     for question in QUESTIONS:
-        result = turns.generate(
-            question,
-            max_tokens=ANSWER_TOKENS,
-            temperature=0.0,
-            on_text=lambda _text: None,
-            should_stop=lambda: False,
-            conversation_id=conversation,
+        result = generate_silently(
+            turns.generate, question, max_tokens=ANSWER_TOKENS, conversation_id=conversation
         )
         if result.stopped:
             raise RuntimeError("a history turn was cut short")
 
 
-def run_turn5(*, reps: int, threads: int, model: Path) -> dict[str, Any]:
+def run_turn5(*, reps: int, threads: int, model: Path) -> Turn5Result:
     """Turn 5's time to first token: restored state, back to back, and history read again."""
-    engine = Engine(
-        EngineSettings(
-            path=model,
-            threads=threads,
-            threads_batch=threads,
-            ctx=2048,
-            max_tokens=256,
-            temperature=0.0,
-            system_prompt=SYSTEM_PROMPT,
-            chat_format="auto",
-        ),
-        TestHooks(ignore_eos=True),  # answers of a known length
-    )
+    engine = bench_engine(model, threads, max_tokens=256)  # answers of a known length
     budget = 2048 - 256
     with_state = ConversationStore(ttl_s=3600, max_active=4, max_state_bytes=1 << 30)
     text_only = ConversationStore(ttl_s=3600, max_active=4, max_state_bytes=0)
@@ -137,80 +162,38 @@ def run_turn5(*, reps: int, threads: int, model: Path) -> dict[str, Any]:
         engine.forget_prompt_cache()  # the engine did not see that restore: start clean
         prefill_ms.append(_timed(engine._evaluate, list(state.tokens)))
         save_ms.append(_timed(engine.save_sequence, list(state.tokens)))
-        print(
+        progress(
             f"rep {rep + 1}/{reps}: turn 5 first token restored {samples['restored'][-1]:.0f} "
             f"ms, back to back {samples['back_to_back'][-1]:.0f} ms, history read again "
             f"{samples['reread'][-1]:.0f} ms; restore {restore_ms[-1]:.1f} ms, prefill "
-            f"{prefill_ms[-1]:.0f} ms",
-            file=sys.stderr,
-            flush=True,
+            f"{prefill_ms[-1]:.0f} ms"
         )
     engine.close()
     median = {mode: statistics.median(values) for mode, values in samples.items()}
-    return {
-        "history_tokens": history_tokens,
-        "turn5_prompt_tokens": turn5_tokens,
-        "first_token_ms_median": {mode: round(value, 1) for mode, value in median.items()},
-        "cut_by_restore_percent": round(100 * (1 - median["restored"] / median["reread"]), 1),
-        "cut_back_to_back_percent": round(100 * (1 - median["back_to_back"] / median["reread"]), 1),
-        "cached_tokens_median": {mode: statistics.median(v) for mode, v in cached.items()},
-        "state_tokens": len(state.tokens),
-        "state_bytes": state.nbytes,
-        "state_bytes_per_token": round(state.nbytes / len(state.tokens)),
-        "restore_ms_median": round(statistics.median(restore_ms), 2),
-        "save_ms_median": round(statistics.median(save_ms), 2),
-        "prefill_same_tokens_ms_median": round(statistics.median(prefill_ms), 1),
-        "samples": samples,
-    }
+    return Turn5Result(
+        history_tokens=history_tokens,
+        turn5_prompt_tokens=turn5_tokens,
+        first_token_ms_median={mode: round(value, 1) for mode, value in median.items()},
+        cut_by_restore_percent=round(100 * (1 - median["restored"] / median["reread"]), 1),
+        cut_back_to_back_percent=round(100 * (1 - median["back_to_back"] / median["reread"]), 1),
+        cached_tokens_median={mode: statistics.median(v) for mode, v in cached.items()},
+        state_tokens=len(state.tokens),
+        state_bytes=state.nbytes,
+        state_bytes_per_token=round(state.nbytes / len(state.tokens)),
+        restore_ms_median=round(statistics.median(restore_ms), 2),
+        save_ms_median=round(statistics.median(save_ms), 2),
+        prefill_same_tokens_ms_median=round(statistics.median(prefill_ms), 1),
+        samples=samples,
+    )
 
 
-def _timed(action: Any, *args: Any) -> float:
+def _timed(action: Callable[..., object], *args: Any) -> float:
     started = time.perf_counter()
     action(*args)
     return (time.perf_counter() - started) * 1000
 
 
 # --- many conversations through one daemon ---------------------------------------------------
-
-
-@contextlib.contextmanager
-def _daemon(
-    workdir: Path, port: int, model: Path, threads: int, conversations: dict[str, Any]
-) -> Iterator[psutil.Process]:
-    """A kioskd subprocess on the local broker, loaded and warm, with this conversations
-    section."""
-    config = {
-        "mqtt": {"port": port, "topic_prefix": "bench/conversations"},
-        "model": {
-            "path": str(model),
-            "threads": threads,
-            "max_tokens": 16,
-            "system_prompt": SYSTEM_PROMPT,
-            "temperature": 0.0,
-        },
-        "conversations": conversations,
-        "logging": {"level": "WARNING"},
-    }
-    config_path = workdir / "kioskd.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "KIOSKD_TEST_IGNORE_EOS": "1"}
-    with (workdir / "kioskd.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run", "--config", str(config_path)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        # A question sent before kioskd has subscribed is lost: ask again until one is answered.
-        while _ask(port, "ping", None, timeout_s=5).get("type") != "done":
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"kioskd did not answer; see {workdir / 'kioskd.log'}")
-        yield psutil.Process(process.pid)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
 
 
 def _ask(
@@ -220,7 +203,7 @@ def _ask(
         question,
         host="127.0.0.1",
         port=port,
-        prefix="bench/conversations",
+        prefix=PREFIX,
         temperature=0.0,
         timeout_s=timeout_s,
         conversation_id=conversation,
@@ -241,27 +224,24 @@ def _tree_bytes(directory: Path) -> int:
 
 def run_many(
     *, conversations: int, threads: int, model: Path, max_state_mb: float, max_active: int
-) -> dict[str, Any]:
+) -> ManyResult:
     """`conversations` conversations of 3 turns, 8 at a time, through one daemon: its RSS and
     its files against the single-question figure and max_state_mb."""
-    with (
-        tempfile.TemporaryDirectory(prefix="kioskd-bench-") as tmp,
-        LocalBroker(free_port(), Path(tmp)) as broker,
-    ):
-        workdir = Path(tmp)
-        files = workdir / "conversations"
+    with tempfile.TemporaryDirectory(prefix="kioskd-bench-conversations-") as tmp:
+        files = Path(tmp)
         settings = {"max_state_mb": max_state_mb, "max_active": max_active, "dir": str(files)}
-        with _daemon(workdir, broker.port, model, threads, settings) as process:
-            _ask(broker.port, "What is a fuse?", None)
+        spec = DaemonSpec(PREFIX, sections={"conversations": settings})
+        with private_daemons([spec], model=model, threads=threads, max_tokens=16) as run:
+            process = psutil.Process(run.processes[PREFIX].pid)
+            port = run.port
+            _ask(port, "What is a fuse?", None)
             single_mib = process.memory_info().rss / 2**20
             peak_mib, peak_disk, turns, cached, started = single_mib, 0, 0, [], time.monotonic()
             for group in range(0, conversations, 8):
                 members = [f"c{number}" for number in range(group, min(group + 8, conversations))]
                 for turn in range(3):
                     for conversation in members:
-                        done = _ask(
-                            broker.port, f"Turn {turn + 1} of {conversation}?", conversation
-                        )
+                        done = _ask(port, f"Turn {turn + 1} of {conversation}?", conversation)
                         if done.get("type") != "done":
                             raise RuntimeError(f"turn failed: {done}")
                         turns += 1
@@ -269,75 +249,46 @@ def run_many(
                             cached.append(done["usage"]["cached_tokens"])
                         peak_disk = max(peak_disk, _tree_bytes(files))
                 peak_mib = max(peak_mib, process.memory_info().rss / 2**20)
-                print(
+                progress(
                     f"{group + len(members)}/{conversations} conversations: RSS "
                     f"{peak_mib:.1f} MiB (single question {single_mib:.1f}), files "
-                    f"{peak_disk / 2**20:.2f} MiB",
-                    file=sys.stderr,
-                    flush=True,
+                    f"{peak_disk / 2**20:.2f} MiB"
                 )
             elapsed_s = time.monotonic() - started
         after_stop_disk = _tree_bytes(files)
-    return {
-        "conversations": conversations,
-        "turns": turns,
-        "max_state_mb": max_state_mb,
-        "max_active": max_active,
-        "rss_single_question_mib": round(single_mib, 1),
-        "rss_peak_mib": round(peak_mib, 1),
-        "rss_growth_mib": round(peak_mib - single_mib, 1),
-        "rss_allowed_growth_mib": max_state_mb + 30,
-        "files_peak_mib": round(peak_disk / 2**20, 2),
-        "files_after_shutdown_mib": round(after_stop_disk / 2**20, 2),
-        "follow_up_cached_tokens_median": statistics.median(cached) if cached else None,
-        "seconds": round(elapsed_s, 1),
-    }
+    return ManyResult(
+        conversations=conversations,
+        turns=turns,
+        max_state_mb=max_state_mb,
+        max_active=max_active,
+        rss_single_question_mib=round(single_mib, 1),
+        rss_peak_mib=round(peak_mib, 1),
+        rss_growth_mib=round(peak_mib - single_mib, 1),
+        rss_allowed_growth_mib=max_state_mb + 30,
+        files_peak_mib=round(peak_disk / 2**20, 2),
+        files_after_shutdown_mib=round(after_stop_disk / 2**20, 2),
+        follow_up_cached_tokens_median=statistics.median(cached) if cached else None,
+        seconds=round(elapsed_s, 1),
+    )
 
 
-def main(
+def run_conversation(
     *,
     reps: int,
     threads: int,
     model: Path,
-    out_dir: Path,
     conversations: int,
     max_state_mb: float,
-) -> dict[str, Any]:
-    """Both parts; the result goes to out_dir/bench-conversation.json."""
-    result: dict[str, Any] = {"command": command_line(), "machine": machine(), "model": model.name}
-    result["turn5"] = run_turn5(reps=reps, threads=threads, model=model)
+) -> ConversationResult:
+    """Both parts (the second unless conversations is 0)."""
+    many = None
+    turn5 = run_turn5(reps=reps, threads=threads, model=model)
     if conversations > 0:
-        result["many"] = run_many(
+        many = run_many(
             conversations=conversations,
             threads=threads,
             model=model,
             max_state_mb=max_state_mb,
             max_active=32,
         )
-    write_result(result, out_dir, "bench-conversation.json")
-    return result
-
-
-def render(result: dict[str, Any]) -> str:
-    turn5 = result["turn5"]
-    ms = turn5["first_token_ms_median"]
-    lines = [
-        f"turn 5 ({turn5['history_tokens']} history tokens, {turn5['turn5_prompt_tokens']} "
-        f"prompt tokens): first token {ms['restored']} ms with the saved state restored, "
-        f"{ms['back_to_back']} ms back to back, {ms['reread']} ms reading the history again "
-        f"(-{turn5['cut_by_restore_percent']} % and -{turn5['cut_back_to_back_percent']} %)",
-        f"state of {turn5['state_tokens']} tokens: {turn5['state_bytes'] / 2**20:.1f} MiB, "
-        f"{turn5['state_bytes_per_token']} bytes per token; restore "
-        f"{turn5['restore_ms_median']} ms, save {turn5['save_ms_median']} ms, prefill of the "
-        f"same tokens {turn5['prefill_same_tokens_ms_median']} ms",
-    ]
-    many = result.get("many")
-    if many:
-        lines.append(
-            f"{many['conversations']} conversations x 3 turns ({many['seconds']} s): RSS "
-            f"{many['rss_peak_mib']} MiB at most, {many['rss_growth_mib']} MiB over one question "
-            f"(allowed {many['rss_allowed_growth_mib']}); files {many['files_peak_mib']} MiB at "
-            f"most (max_state_mb {many['max_state_mb']}); follow-ups reused "
-            f"{many['follow_up_cached_tokens_median']} tokens (median)"
-        )
-    return "\n".join(lines)
+    return ConversationResult(command_line(), machine(), model.name, turn5, many)

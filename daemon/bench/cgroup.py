@@ -1,4 +1,4 @@
-"""CPU bandwidth limits for `kioskd bench --contention --cpu-quota`: one cgroup per daemon.
+"""CPU bandwidth limits for `kioskd bench contention --cpu-quota`: one cgroup per daemon.
 
 cgroup v2 where a cgroup2 mount offers the cpu controller (Pi OS, Debian 12), else the v1 cpu
 hierarchy; the groups are removed again whatever happens, and every check reads back from /proc.
@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 
@@ -83,6 +82,15 @@ def _cgroup_in(proc_cgroup: str, kind: str) -> str:
 
 
 @dataclass(frozen=True)
+class GroupCheck:
+    """Where a process's threads are, read back from /proc, and its group's quota files."""
+
+    pid_cgroup: str
+    threads: int
+    quota_files: dict[str, str]
+
+
+@dataclass(frozen=True)
 class QuotaGroup:
     """One fresh cgroup with the bench's CPU bandwidth limit."""
 
@@ -108,7 +116,7 @@ class QuotaGroup:
             (self.path / "cgroup.procs").write_text(f"{member}\n")
         self.check(pid)
 
-    def check(self, pid: int) -> dict[str, Any]:
+    def check(self, pid: int) -> GroupCheck:
         """Where every thread of `pid` is now, and the quota; CgroupError unless as set up."""
         pid_cgroup = _cgroup_in(Path(f"/proc/{pid}/cgroup").read_text(), self.kind)
         places = thread_cgroups(pid, self.kind)
@@ -118,7 +126,7 @@ class QuotaGroup:
                 f"pid {pid}: threads in {sorted(set(places.values()))}, quota {quota}; expected "
                 f"{self.cgroup} with {self.expected_quota_files()}"
             )
-        return {"pid_cgroup": pid_cgroup, "threads": len(places), "quota_files": quota}
+        return GroupCheck(pid_cgroup, len(places), quota)
 
     def throttling(self) -> tuple[int, int, float]:
         """cpu.stat's (periods, throttled periods, throttled ms) so far."""

@@ -1,4 +1,4 @@
-"""`kioskd bench --fleet --kiosks 1,2,3`: questions per second of a fleet of 1, 2, 3... kiosks.
+"""`kioskd bench fleet --kiosks 1,2,3`: questions per second of a fleet of 1, 2, 3... kiosks.
 
 Each size runs on a private mosquitto with that many daemons sharing `$share/bench/F/ask`, and
 the same burst of questions is published to F/ask at once; the figure is questions answered per
@@ -6,72 +6,76 @@ second, from the first publish to the last `done`. The token-delay test hook
 (KIOSKD_TEST_TOKEN_DELAY_MS) makes every answer take a known time, as a board's decode speed
 would, so the figure shows how the broker spreads the work, not how this machine's few cores
 share llama.cpp between daemons (docs/benchmarks.md says what differs on real boards). Sizes
-run in turn, repeated `reps` times, interleaved. Self-contained; the runtime never imports it.
+run in turn, repeated `reps` times, interleaved.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from daemon import exitcodes
+from daemon.bench.harness import IGNORE_EOS, progress, spawn, write_config
+from daemon.bench.localbroker import LocalBroker, free_port
+from daemon.bench.results import command_line
 from daemon.broker import Connection, Inbound
-from daemon.localbroker import LocalBroker, free_port
 
 _TOKEN_DELAY_MS = 250
 _TOKENS = 6  # about 1.5 s an answer: the delay, not the CPU, sets the pace
 _QUESTIONS_PER_KIOSK = 6
 
 
-def main(*, kiosks: list[int], reps: int, out_dir: Path) -> int:
-    """Run the bench, print its figures and write bench-fleet.json."""
+@dataclass(frozen=True)
+class FleetResult:
+    command: str
+    token_delay_ms: int
+    tokens: int
+    questions: int
+    questions_per_s: dict[str, list[float]]  # by fleet size
+    questions_per_s_median: dict[str, float]
+    scaling: dict[str, float]  # the median over the smallest size's
+    taken: dict[str, list[dict[str, int]]]  # answers per device, every run
+
+
+def run_fleet(*, kiosks: list[int], reps: int) -> FleetResult:
+    """Every size in turn, `reps` times."""
+    questions = _QUESTIONS_PER_KIOSK * max(kiosks)
     samples: dict[int, list[float]] = {size: [] for size in kiosks}
     spreads: dict[int, list[dict[str, int]]] = {size: [] for size in kiosks}
     for _rep in range(reps):
         for size in kiosks:
-            per_s, spread = _one_run(size, questions=_QUESTIONS_PER_KIOSK * max(kiosks))
+            per_s, spread = _one_run(size, questions=questions)
             samples[size].append(per_s)
-            spreads[size].append(spread)
-            print(f"{size} kiosk(s): {per_s:.2f} questions/s, taken {dict(spread)}")
+            spreads[size].append(dict(spread))
+            progress(f"{size} kiosk(s): {per_s:.2f} questions/s, taken {dict(spread)}")
     medians = {size: statistics.median(values) for size, values in samples.items()}
     base = medians[min(kiosks)]
-    result = {
-        "command": " ".join(sys.argv),
-        "token_delay_ms": _TOKEN_DELAY_MS,
-        "tokens": _TOKENS,
-        "questions": _QUESTIONS_PER_KIOSK * max(kiosks),
-        "questions_per_s": {str(k): v for k, v in samples.items()},
-        "questions_per_s_median": {str(k): round(v, 3) for k, v in medians.items()},
-        "scaling": {str(k): round(v / base, 2) for k, v in medians.items()},
-        "taken": {str(k): v for k, v in spreads.items()},
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench-fleet.json").write_text(json.dumps(result, indent=2))
-    print(
-        "median questions/s: "
-        + ", ".join(f"{k} kiosk(s) {v:.2f} (x{v / base:.2f})" for k, v in medians.items())
+    return FleetResult(
+        command=command_line(),
+        token_delay_ms=_TOKEN_DELAY_MS,
+        tokens=_TOKENS,
+        questions=questions,
+        questions_per_s={str(k): v for k, v in samples.items()},
+        questions_per_s_median={str(k): round(v, 3) for k, v in medians.items()},
+        scaling={str(k): round(v / base, 2) for k, v in medians.items()},
+        taken={str(k): v for k, v in spreads.items()},
     )
-    print(f"full results: {out_dir / 'bench-fleet.json'}")
-    return exitcodes.OK
 
 
 def _one_run(size: int, *, questions: int) -> tuple[float, Counter[str]]:
-    with tempfile.TemporaryDirectory(prefix="kioskd-bench-fleet-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="kioskd-bench-fleet-") as tmp,
+        LocalBroker(free_port(), Path(tmp)) as broker,
+    ):
         root = Path(tmp)
-        broker = LocalBroker(free_port(), root)
-        broker.start()
         daemons: list[subprocess.Popen[bytes]] = []
         try:
             fleet = f"bench-{uuid.uuid4().hex[:8]}/fleet"
@@ -114,11 +118,10 @@ def _one_run(size: int, *, questions: int) -> tuple[float, Counter[str]]:
                 client.stop()
             return questions / elapsed_s, Counter(done.values())
         finally:
-            for daemon in daemons:
+            for daemon in daemons:  # all at once: they stop in parallel
                 daemon.terminate()
             for daemon in daemons:
                 daemon.wait(30)
-            broker.stop()
 
 
 def _start_daemon(root: Path, port: int, fleet: str, index: int) -> subprocess.Popen[bytes]:
@@ -135,20 +138,9 @@ def _start_daemon(root: Path, port: int, fleet: str, index: int) -> subprocess.P
         "model": {"max_tokens": _TOKENS, "threads": 1},
         "queue": {"capacity": 32},  # the broker's inflight window (20) holds back the rest
     }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {
-        **os.environ,
-        "KIOSKD_TEST_IGNORE_EOS": "1",
-        "KIOSKD_TEST_TOKEN_DELAY_MS": str(_TOKEN_DELAY_MS),
-    }
-    with (root / f"{name}.log").open("wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run", "--config", str(path)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    path = write_config(root, name, config)
+    delay = {"KIOSKD_TEST_TOKEN_DELAY_MS": str(_TOKEN_DELAY_MS)}
+    return spawn(root, name, ["run", "--config", str(path)], IGNORE_EOS | delay)
 
 
 def _wait_members(root: Path, size: int) -> None:

@@ -328,7 +328,7 @@ def scripted_qwen2(path: Path, script: str, *, template: str = CHATML_TEMPLATE) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m daemon.bench_synth",
+        prog="python -m daemon.bench.synth",
         description="write a Qwen2.5-0.5B-shaped Q4_K_M GGUF with random weights",
     )
     parser.add_argument("--tiktoken", type=Path, required=True, help="Qwen's qwen.tiktoken")
