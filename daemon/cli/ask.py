@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
-import socket
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from daemon import exitcodes
 from daemon.asker import (
     Answer,
-    Login,
-    Reason,
     UnavailableError,
     ask,
     no_kiosk_message,
@@ -28,93 +22,16 @@ from daemon.asker import (
 )
 from daemon.cli import askformat
 from daemon.cli.printer import stream_printer
-from daemon.config import Config, ConfigError, load, sanitize_device_id
+from daemon.cli.target import (
+    EXIT_CODES,
+    EXIT_CODES_HELP,
+    Target,
+    add_target_options,
+    resolve_target,
+    say,
+)
 from daemon.messages import ID_PATTERN, ID_RULE, new_request_id
 from daemon.topics import Topics
-
-EXIT_CODES_HELP = f"""exit codes:
-  {exitcodes.OK:<3}  answered (ask); online with a health message (status)
-  {exitcodes.FAILURE:<3}  an error, or no JSON as asked for (ask); online, no health (status)
-  {exitcodes.NO_KIOSK:<3}  no kiosk at this prefix on this broker (no retained P/status)
-  {exitcodes.BROKER_UNREACHABLE:<3}  the broker cannot be reached
-  {exitcodes.KIOSK_OFFLINE:<3}  the kiosk is offline
-  {exitcodes.BROKER_REFUSED:<3}  the broker refused the login or a subscription
-  {exitcodes.CONFIG_ERROR:<3}  --config cannot be read or is invalid
-  {exitcodes.NO_ANSWER:<3}  no answer within --timeout-s (ask; the question is cancelled)
-  {exitcodes.INTERRUPTED:<3}  Ctrl-C (ask; the question is cancelled)
-  {exitcodes.OUTPUT_CLOSED:<3}  output closed, e.g. by `| head` (ask; the question is cancelled)
-"""
-
-EXIT_CODES = {
-    Reason.NO_KIOSK: exitcodes.NO_KIOSK,
-    Reason.BROKER_UNREACHABLE: exitcodes.BROKER_UNREACHABLE,
-    Reason.KIOSK_OFFLINE: exitcodes.KIOSK_OFFLINE,
-    Reason.BROKER_REFUSED: exitcodes.BROKER_REFUSED,
-}
-
-
-@dataclass(frozen=True)
-class Target:
-    host: str
-    port: int
-    prefix: str
-    login: Login
-
-    @property
-    def where(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-def _quiet_retries(record: logging.LogRecord) -> bool:
-    """broker.Connection logs each problem as it retries; this CLI says it once, then exits."""
-    return not record.getMessage().endswith("(retrying with backoff)")
-
-
-def say(command: str, text: str) -> None:
-    print(f"kioskd {command}: {text}", file=sys.stderr, flush=True)
-
-
-def _target(args: argparse.Namespace, command: str) -> Target | None:
-    """Broker, login and kiosk prefix from --host/--port/--prefix, else --config; None: reported."""
-    logging.getLogger("daemon.broker").addFilter(_quiet_retries)
-    try:
-        config = Config() if args.config is None else load(args.config)
-        login = Login(
-            username=config.mqtt.username,
-            password=config.mqtt_password(),
-            tls_context=config.mqtt.tls.ssl_context(),
-            protocol=config.mqtt.protocol,
-        )
-    except ConfigError as exc:
-        if isinstance(exc.__cause__, PermissionError) and args.config is not None:
-            say(command, config_unreadable(args.config))
-            return None
-        for problem in exc.problems:
-            say(command, problem)
-        return None
-    host = args.host or config.mqtt.host
-    port = args.port or config.mqtt.port
-    if args.prefix:
-        prefix = args.prefix
-    elif args.config:
-        prefix = config.topic_prefix
-    else:
-        prefix = f"kiosk/{sanitize_device_id(socket.gethostname())}"
-    return Target(host, port, prefix, login)
-
-
-def config_unreadable(path: Path) -> str:
-    """Why an operator cannot read the config (0640 root:kioskd when installed), and the ways in."""
-    import grp  # noqa: PLC0415 - only for this message
-
-    try:
-        group = grp.getgrgid(path.stat().st_gid).gr_name
-    except (OSError, KeyError):
-        group = "kioskd"
-    return (
-        f"cannot read {path}: permission denied; run with sudo, or add yourself to group "
-        f"{group} (sudo usermod -aG {group} $USER, then log in again)"
-    )
 
 
 def add_commands(commands: Any) -> None:
@@ -126,7 +43,7 @@ def add_commands(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ask.add_argument("question")
-    _add_target_options(ask)
+    add_target_options(ask)
     ask.add_argument(
         "--fleet",
         metavar="F",
@@ -161,7 +78,7 @@ def add_commands(commands: Any) -> None:
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_target_options(status)
+    add_target_options(status)
     status.add_argument(
         "--fleet",
         metavar="F",
@@ -181,15 +98,8 @@ def conversation_id_arg(value: str) -> str:
     return value
 
 
-def _add_target_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="read broker and prefix from this config")
-    parser.add_argument("--host", help="broker host (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="broker port (default 1883)")
-    parser.add_argument("--prefix", help="the kiosk's topic prefix (default kiosk/<hostname>)")
-
-
 def run_ask(args: argparse.Namespace) -> int:
-    target = _target(args, "ask")
+    target = resolve_target(args, "ask")
     if target is None:
         return exitcodes.CONFIG_ERROR
     if (shape := askformat.options(args)) is None:
@@ -276,7 +186,7 @@ def _cancel_note(target: Target, answer: Answer) -> str:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    target = _target(args, "status")
+    target = resolve_target(args, "status")
     if target is None:
         return exitcodes.CONFIG_ERROR
     if args.fleet:

@@ -15,16 +15,16 @@ from typing import Any
 
 from daemon import exitcodes
 from daemon.asker import Answer, UnavailableError, ask
-from daemon.cli.ask import (
+from daemon.cli.ask import conversation_id_arg
+from daemon.cli.printer import stream_printer
+from daemon.cli.target import (
     EXIT_CODES,
     EXIT_CODES_HELP,
     Target,
-    _add_target_options,
-    _target,
-    conversation_id_arg,
+    add_target_options,
+    resolve_target,
     say,
 )
-from daemon.cli.printer import stream_printer
 from daemon.messages import new_request_id
 
 PROMPT = "> "
@@ -39,7 +39,7 @@ def add_command(commands: Any) -> None:
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_target_options(chat)
+    add_target_options(chat)
     chat.add_argument(
         "--conversation",
         metavar="ID",
@@ -61,7 +61,7 @@ def new_conversation_id() -> str:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    target = _target(args, "chat")
+    target = resolve_target(args, "chat")
     if target is None:
         return exitcodes.CONFIG_ERROR
     conversation = args.conversation or new_conversation_id()

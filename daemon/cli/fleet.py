@@ -8,7 +8,8 @@ from typing import Any
 
 from daemon import exitcodes
 from daemon.asker import UnavailableError, read_retained
-from daemon.cli.ask import EXIT_CODES, Target, describe_age, say
+from daemon.cli.ask import describe_age
+from daemon.cli.target import EXIT_CODES, Target, say
 
 
 def fleet_status(args: argparse.Namespace, target: Target) -> int:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from daemon import exitcodes
-from daemon.cli.ask import config_unreadable
+from daemon.cli.target import config_unreadable
 from daemon.config import Config, ConfigError, config_warnings, load
 
 
