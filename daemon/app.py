@@ -29,7 +29,7 @@ from daemon.framing import Example
 from daemon.intake import Intake
 from daemon.ledger import PacketLedger, RecentAnswers
 from daemon.loglimit import LogLimiter
-from daemon.messages import Error, ErrorCode, parse_cancel, parse_forget
+from daemon.messages import Error, ErrorCode
 from daemon.models import EmbeddedModelError, resolve
 from daemon.monitor import Monitor, Snapshot
 from daemon.reload import plan_reload, replace_live
@@ -41,6 +41,7 @@ from daemon.testhooks import TestHooks
 from daemon.thermal import ThermalDecision, ThermalGovernor
 from daemon.topics import Topics, homeassistant_status
 from daemon.turns import Turns
+from daemon.validation import parse_cancel, parse_forget
 
 log = logging.getLogger(__name__)
 

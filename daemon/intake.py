@@ -24,12 +24,12 @@ from daemon.messages import (
     Timing,
     Usage,
     duplicate_id_payload,
-    parse_request,
 )
 from daemon.ratelimit import RateLimiter
 from daemon.scheduler import Job, Scheduler
 from daemon.stream import ConnectionOutlet, ReplyStream
 from daemon.topics import Topics, is_allowed_reply_topic, reply_topic_problem
+from daemon.validation import parse_request
 
 log = logging.getLogger(__name__)
 
