@@ -2,71 +2,39 @@
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
 import json
 import logging
-import select
-import signal
-import socket
 import threading
-import time
 from enum import StrEnum
 from pathlib import Path
-from types import FrameType
 from typing import Any
-
-import yaml
 
 from daemon import __version__, exitcodes
 from daemon.broker import JSON, Connection, Delivery, Inbound, Will
-from daemon.config import Config, ConfigError, config_warnings, from_dict, load
+from daemon.config import Config, config_warnings
+from daemon.control import Controls
 from daemon.conversations import ConversationStore, Saver
 from daemon.discovery import discovery_messages
-from daemon.engine import Engine, EngineSettings, ModelLoadError
+from daemon.engine import Engine, ModelLoadError
 from daemon.fleet import FleetMember
-from daemon.framing import Example
 from daemon.intake import Intake
 from daemon.ledger import PacketLedger, RecentAnswers
-from daemon.loglimit import LogLimiter
-from daemon.messages import Error, ErrorCode, parse_cancel, parse_forget
+from daemon.loading import conversation_turns, load_engine, restore_conversations
+from daemon.messages import ErrorCode
 from daemon.models import EmbeddedModelError, resolve
 from daemon.monitor import Monitor, Snapshot
-from daemon.reload import plan_reload, replace_live
+from daemon.reload import reload
 from daemon.scheduler import Scheduler
+from daemon.selfreport import health_snapshot, state_line
 from daemon.service import Notifier, Watchdog, WorkerProgress, setup_logging
-from daemon.statefile import Identity, StateFiles, default_dir
+from daemon.signals import SignalLoop
+from daemon.startfailure import FLUSH_TIMEOUT_S, report_fatal
 from daemon.telemetry import TelemetryReader
 from daemon.testhooks import TestHooks
 from daemon.thermal import ThermalDecision, ThermalGovernor
 from daemon.topics import Topics, homeassistant_status
-from daemon.turns import Turns
 
 log = logging.getLogger(__name__)
-
-# How long shutdown waits for the broker to acknowledge the last messages.
-_FLUSH_TIMEOUT_S = 2.0
-
-_WAKE_UP = 0  # not a signal: wakes the signal loop for request_stop()
-_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
-# Every signal whose default action would end kioskd without a word: SIGHUP and SIGUSR1 have
-# jobs, the rest are logged and ignored. Faults (SIGSEGV, SIGABRT, ...) stay with faulthandler;
-# SIGPIPE is ignored by Python already.
-_HANDLED_SIGNALS = (
-    *_STOP_SIGNALS,
-    signal.SIGHUP,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGALRM,
-    signal.SIGVTALRM,
-    signal.SIGPROF,
-    signal.SIGIO,
-    signal.SIGPWR,
-    signal.SIGXCPU,
-    signal.SIGXFSZ,
-    signal.SIGSTKFLT,
-    *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
-)
 
 
 class State(StrEnum):
@@ -96,13 +64,7 @@ class App:
         self._model_name: str | None = None
         self._throttled = False
         self._config_path = config_path
-        # Python runs signal handlers only when the main thread executes bytecode, and a main
-        # thread blocked on a lock may never see a signal that another thread received. The C
-        # handler writes each signal's number to this socket instead (signal.set_wakeup_fd),
-        # and the main loop waits on it with select().
-        self._signal_inbox, self._signal_outbox = socket.socketpair()
-        self._signal_outbox.setblocking(False)
-        self._log = LogLimiter(log)
+        self._signals = SignalLoop(self._stop, reload=self._reload, state_dump=self.state_dump)
         conversations = config.conversations
         self.conversations = ConversationStore(
             ttl_s=conversations.ttl_s,
@@ -132,6 +94,9 @@ class App:
             snapshot=self._snapshot,
             on_decision=self._apply_thermal,
             publish=self._publish_health,
+        )
+        self.controls = Controls(
+            self.topics, cancel=self.scheduler.cancel, forget=self.conversations.forget
         )
         self._ha_status = homeassistant_status(config.homeassistant.prefix)
         subscriptions = [self.topics.ask, self.topics.cancel, self.topics.forget]
@@ -222,7 +187,7 @@ class App:
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit code."""
-        self._install_signal_handlers()
+        self._signals.install()
         try:
             return self._start_and_wait()
         finally:
@@ -230,8 +195,7 @@ class App:
 
     def request_stop(self) -> None:
         self._stop.set()
-        with contextlib.suppress(OSError):  # full: the loop is awake already
-            self._signal_outbox.send(bytes([_WAKE_UP]))
+        self._signals.wake()
 
     def _start_and_wait(self) -> int:
         log.info(
@@ -254,14 +218,16 @@ class App:
             self._engine = self._load_engine()
         except (ModelLoadError, EmbeddedModelError) as exc:
             log.error("%s", exc)
-            self._report_fatal(ErrorCode.MODEL_ERROR, str(exc))
+            report_fatal(
+                self.connection, self.topics, self.config.device_id, ErrorCode.MODEL_ERROR, str(exc)
+            )
             return exitcodes.MODEL_UNAVAILABLE
         if self._stop.is_set():
             return exitcodes.OK
         # The governor may already have stepped down while the model was loading.
         self._engine.set_threads(self.monitor_threads())
         self._load_conversations(self._engine)
-        self.scheduler.start(self._turns(self._engine))
+        self.scheduler.start(conversation_turns(self.config, self._engine, self.conversations))
         self._enter(State.READY)
         if self.fleet is not None and not self.scheduler.overheated:
             # docs/protocol.md: online only once every subscription, the share too, is acknowledged.
@@ -271,79 +237,25 @@ class App:
             self._publish_discovery()  # now with the model's name
         self.notifier.ready(self.status_line())
         self.watchdog.start()
-        self._serve_signals()
+        self._signals.serve()
         return exitcodes.OK
-
-    def _serve_signals(self) -> None:
-        """Until stopped: act on the signals the handler queued (it runs between bytecodes of
-        this thread, so it only queues; a reload here cannot interrupt itself)."""
-        while not self._stop.is_set():
-            select.select([self._signal_inbox], [], [])
-            for signum in self._signal_inbox.recv(256):
-                if signum != _WAKE_UP:
-                    self._on_signal(signum)
-
-    def _on_signal(self, signum: int) -> None:
-        name = signal.Signals(signum).name
-        try:
-            if signum in _STOP_SIGNALS:
-                log.info("received %s; stopping", name)
-                self._stop.set()
-            elif signum == signal.SIGHUP:
-                log.info("received SIGHUP; reloading the configuration")
-                self._reload()
-            elif signum == signal.SIGUSR1:
-                log.info("state: %s", self.state_dump())
-            else:
-                self._log.log(
-                    logging.WARNING,
-                    f"signal {name}",
-                    "received %s; ignored (SIGHUP reloads the configuration, SIGUSR1 logs the "
-                    "state, SIGTERM stops)",
-                    name,
-                )
-        except Exception:
-            log.exception("handling %s failed; kioskd goes on", name)
 
     def state_dump(self) -> str:
         """One line for SIGUSR1: what kioskd is doing and holding."""
-        counters = self.scheduler.counters
         telemetry = self.monitor.last_telemetry
-        cpu_c = telemetry.thermal.cpu_c if telemetry is not None else None
-        held = self.packets.held + (self.fleet.packets.held if self.fleet else 0)
-        return (
-            f"{self.state}; running {self.scheduler.running_id or '-'}, queue "
-            f"{self.scheduler.depth}/{self.scheduler.capacity}, conversations "
-            f"{self.conversations.active} ({self.conversations.state_bytes / 2**20:.1f} MiB of "
-            f"state), unacknowledged questions "
-            f"{held}; broker {'connected' if self.connection.connected else 'away'}"
-            f"{'' if self.connection.problem is None else f' ({self.connection.problem})'}; "
-            f"model {self._model_name or '-'}, threads {self.monitor_threads()}, CPU "
-            f"{'-' if cpu_c is None else f'{cpu_c:.1f} C'}; answered {counters.answered}, "
-            f"errors {counters.errors}, rejected {counters.rejected}, cancelled "
-            f"{counters.cancelled}"
+        return state_line(
+            self.state,
+            scheduler=self.scheduler,
+            conversations=self.conversations,
+            connection=self.connection,
+            held=self.packets.held + (self.fleet.packets.held if self.fleet else 0),
+            model_name=self._model_name,
+            threads=self.monitor_threads(),
+            cpu_c=telemetry.thermal.cpu_c if telemetry is not None else None,
         )
 
     def _reload(self) -> None:
-        if self._config_path is None:
-            log.warning("no config file to reload (started with the built-in defaults)")
-            return
-        try:
-            new = load(self._config_path)
-        except ConfigError as exc:
-            log.error(
-                "reload refused, keeping the running configuration: %s", "; ".join(exc.problems)
-            )
-            return
-        plan = plan_reload(self.config, new)
-        for key in plan.restart_keys:
-            log.warning("reload: %s changed; it takes effect only after a restart", key)
-        self._apply(new)
-        self.config = replace_live(self.config, new)
-        log.info(
-            "reload: applied %s",
-            ", ".join(plan.live_keys) if plan.live_keys else "nothing (no live key changed)",
-        )
+        self.config = reload(self._config_path, self.config, self._apply)
 
     def _apply(self, new: Config) -> None:
         """Put the keys that can change while running into effect."""
@@ -362,63 +274,12 @@ class App:
         resolved = resolve(model.path, model.dir)
         log.info("using the %s model %s", resolved.source, resolved.path)
         self._model_name = resolved.path.stem.lower()
-        engine = Engine(
-            EngineSettings(
-                path=resolved.path,
-                threads=self.config.threads,
-                threads_batch=self.config.threads_batch,
-                ctx=model.ctx,
-                max_tokens=model.max_tokens,
-                temperature=model.temperature,
-                system_prompt=model.system_prompt,
-                chat_format=model.chat_format,
-                seed=model.seed,
-                batch_tokens=model.batch_tokens,
-                mmap=model.mmap,
-                prompt_style=model.prompt_style,
-                examples=tuple(Example(e["question"], e["answer"]) for e in model.examples),
-                stop=tuple(model.stop),
-                repeat_penalty=model.repeat_penalty,
-                gpu_layers=model.gpu_layers,
-            ),
-            self._hooks,
-        )
-        started = time.monotonic()
-        warm = engine.warm_up()
-        log.info(
-            "model warm: %d prompt tokens, warm-up took %d ms",
-            warm.prompt_tokens,
-            round((time.monotonic() - started) * 1000),
-        )
-        return engine
+        return load_engine(self.config, resolved.path, self._hooks)
 
     def _load_conversations(self, engine: Engine) -> None:
         """Take in the conversations saved before a restart, and start saving them."""
-        settings = self.config.conversations
-        if settings.persist:
-            files = StateFiles(
-                default_dir(settings.dir),
-                Identity.of(
-                    model_path=engine.settings.path,
-                    ctx=engine.settings.ctx,
-                    template=engine.template_source,
-                    system_prompt=engine.settings.system_prompt,
-                    llama=llama_version(),
-                ),
-            )
-            loaded = self.conversations.load(files)
-            log.info("conversations: %d taken in from %s", loaded, files.directory)
+        restore_conversations(self.config, engine, self.conversations)
         self._saver.start()
-
-    def _turns(self, engine: Engine) -> Turns:
-        settings = self.config.conversations
-        model = self.config.model
-        return Turns(
-            engine,
-            self.conversations,
-            budget_tokens=settings.max_context_tokens or model.ctx - model.max_tokens,
-            keep_state=settings.max_state_mb > 0,
-        )
 
     def _on_busy_change(self) -> None:
         # Health shows busy even when no interval tick falls inside a short answer.
@@ -438,7 +299,7 @@ class App:
         self.monitor.stop()
         offline = self.connection.publish(self.topics.status, b"offline", retain=True)
         if self.connection.connected:
-            offline.wait(_FLUSH_TIMEOUT_S)
+            offline.wait(FLUSH_TIMEOUT_S)
         self.connection.stop()
         if self.fleet is not None:
             self.fleet.stop()
@@ -449,32 +310,8 @@ class App:
                 # Freeing the model under a generation that may still be inside llama.cpp could
                 # crash the exit; the process's end frees it instead.
                 log.warning("exiting without freeing the model: the generation thread is hung")
-        if threading.current_thread() is threading.main_thread():
-            signal.set_wakeup_fd(-1)
-        self._signal_inbox.close()
-        self._signal_outbox.close()
+        self._signals.close()
         log.info("kioskd stopped")
-
-    def _report_fatal(self, code: ErrorCode, message: str) -> None:
-        """Tell clients why we are not coming up, when the broker is reachable."""
-        if self.connection.wait_connected(_FLUSH_TIMEOUT_S):
-            payload = Error(code, message).to_payload(None, 0, device=self.config.device_id)
-            self.connection.publish(self.topics.error, payload).wait(_FLUSH_TIMEOUT_S)
-
-    def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # tests may run the app in a thread; they call request_stop() instead
-
-        def handle(signum: int, _frame: FrameType | None) -> None:
-            # The work is done by _serve_signals, which reads the number from the wakeup
-            # socket. A stop is also flagged here for a model load, which does not serve
-            # signals; the main thread never waits on this event, so this cannot deadlock.
-            if signum in _STOP_SIGNALS:
-                self._stop.set()
-
-        signal.set_wakeup_fd(self._signal_outbox.fileno(), warn_on_full_buffer=False)
-        for signum in _HANDLED_SIGNALS:
-            signal.signal(signum, handle)
 
     # --- health and thermal (monitor thread) ------------------------------------------------
 
@@ -497,36 +334,14 @@ class App:
                 self.fleet.join()
 
     def _snapshot(self) -> Snapshot:
-        counters = self.scheduler.counters
-        return Snapshot(
-            state=str(self.state),
-            model={
-                "name": self._model_name,
-                "threads": self.monitor_threads(),
-                "ctx": self.config.model.ctx,
-            },
-            queue={"depth": self.scheduler.depth, "capacity": self.scheduler.capacity},
-            counters={
-                "answered": counters.answered,
-                "errors": counters.errors,
-                "rejected": counters.rejected,
-                "cancelled": counters.cancelled,
-            },
-            last={
-                "tokens_per_s": _round(counters.last_tokens_per_s),
-                "first_token_ms": _round(counters.last_first_token_ms),
-            },
-            conversations={
-                "active": self.conversations.active,
-                "state_mb": round(self.conversations.state_bytes / 2**20, 1),
-            },
-            fleet=None
-            if self.fleet is None
-            else {
-                "prefix": self.fleet.topics.prefix,
-                "group": self.fleet.group,
-                "member": self.fleet.member,
-            },
+        return health_snapshot(
+            str(self.state),
+            model_name=self._model_name,
+            threads=self.monitor_threads(),
+            ctx=self.config.model.ctx,
+            scheduler=self.scheduler,
+            conversations=self.conversations,
+            fleet=self.fleet,
         )
 
     def _publish_health(self, payload: bytes) -> None:
@@ -578,91 +393,5 @@ class App:
             if message.payload.strip() == b"online":
                 log.info("Home Assistant restarted; sending discovery again")
                 self._publish_discovery()
-        elif message.topic in (self.topics.cancel, self.topics.forget) and message.retain:
-            # A retained cancel or forget would act again at every (re)subscribe.
-            log.warning(
-                "ignored a retained message on %s; clear it with an empty retained publish",
-                message.topic,
-            )
-        elif message.topic == self.topics.cancel:
-            self._on_cancel(message)
-        elif message.topic == self.topics.forget:
-            self._on_forget(message)
-
-    def _on_cancel(self, message: Inbound) -> None:
-        request_id = parse_cancel(message.payload)
-        if request_id is None:
-            self._log.log(logging.WARNING, "bad_cancel", "ignored a cancel without a valid id")
-        elif not self.scheduler.cancel(request_id):
-            self._log.log(
-                logging.INFO,
-                "unknown_cancel",
-                "cancel for unknown request %s ignored",
-                request_id,
-                extra={"request_id": request_id},
-            )
-
-    def _on_forget(self, message: Inbound) -> None:
-        conversation_id = parse_forget(message.payload)
-        if conversation_id is None:
-            self._log.log(
-                logging.WARNING, "bad_forget", "ignored a forget without a valid conversation_id"
-            )
-        elif self.conversations.forget(conversation_id):
-            log.info("conversation %s forgotten", conversation_id)
         else:
-            self._log.log(
-                logging.INFO,
-                "unknown_forget",
-                "forget for unknown conversation %s ignored",
-                conversation_id,
-            )
-
-
-def llama_version() -> str:
-    """The llama.cpp bindings' version (a saved model state is only read by the same one)."""
-    try:
-        return importlib.metadata.version("llama_cpp_python")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
-
-
-def report_config_error(config_path: Path, problems: list[str]) -> None:
-    """Tell clients why this kiosk is not coming up, if the file's mqtt section is usable.
-
-    Connects under a separate client id, so the daemon's persistent session (and the questions
-    queued in it) is left alone.
-    """
-    try:
-        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-        mqtt = raw.get("mqtt") if isinstance(raw, dict) else None
-        config = from_dict({"mqtt": mqtt or {}})
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError):
-        return  # without a valid broker address there is no one to tell
-    topics = Topics(config.topic_prefix)
-    try:
-        connection = Connection(
-            host=config.mqtt.host,
-            port=config.mqtt.port,
-            client_id=f"{config.client_id}-config-error",
-            protocol=config.mqtt.protocol,
-            username=config.mqtt.username,
-            password=config.mqtt_password(),
-            tls_context=config.mqtt.tls.ssl_context(),
-        )
-    except ConfigError:
-        return
-    connection.start()
-    try:
-        if not connection.wait_connected(_FLUSH_TIMEOUT_S):
-            return
-        message = "kioskd cannot start: invalid configuration: " + "; ".join(problems)
-        payload = Error(ErrorCode.INTERNAL, message).to_payload(None, 0, device=config.device_id)
-        connection.publish(topics.error, payload).wait(_FLUSH_TIMEOUT_S)
-        connection.publish(topics.status, b"offline", retain=True).wait(_FLUSH_TIMEOUT_S)
-    finally:
-        connection.stop()
+            self.controls.dispatch(message)

@@ -11,7 +11,6 @@ import logging
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -22,18 +21,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-log = logging.getLogger(__name__)
+from daemon.brokeracks import Acknowledgements
+from daemon.brokerproblems import ConnectionProblems
 
-# A connection dropped this soon after it was made, this often in 60 s, is reported as another
-# client using our client id (the broker hands the session back and forth between us).
-_SHORT_CONNECTION_S = 5.0
-_TAKEOVERS_REPORTED = 3
+log = logging.getLogger(__name__)
 
 # Outgoing messages paho may hold while disconnected: a few long answers' worth of chunks.
 _MAX_QUEUED_MESSAGES = 20000
-
-# SUBACK/UNSUBACK ids kept for waiters; only the last few requests are ever waited for.
-_MAX_REMEMBERED_ACKS = 256
 
 JSON = "application/json"
 
@@ -165,25 +159,17 @@ class Connection:
         self._on_message = on_message
         self._on_connected = on_connected
         self._connected = threading.Event()
-        self._client_id = client_id
-        self._tls_context = tls_context
-        self._on_problem = on_problem
-        self.problem: str | None = None
+        self._problems = ConnectionProblems(
+            host=host,
+            port=port,
+            client_id=client_id,
+            tls_context=tls_context,
+            on_problem=on_problem,
+        )
         self._configured_max_packet_bytes = max_packet_bytes
         self._broker_max_packet_bytes: int | None = None
-        self._takeovers: list[float] = []
-        self._connected_at = 0.0
-        self._connack_refused = False
         self._pending_subscriptions: dict[int, list[str]] = {}
-        # Ids of SUBSCRIBE/UNSUBSCRIBE requests the broker has acknowledged, for waiters.
-        self._acks_cond = threading.Condition()
-        self._acked_requests: set[int] = set()
-        # Callbacks for QoS 1 publishes, by packet id, run when the broker's PUBACK arrives. A
-        # PUBACK may beat the registration (the network thread is quick on loopback): such ids
-        # wait in _acked_early until their publish() registers.
-        self._delivery_lock = threading.Lock()
-        self._on_delivered: dict[int, Callable[[], None] | None] = {}
-        self._acked_early: set[int] = set()
+        self._acks = Acknowledgements()
         self._client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -217,6 +203,11 @@ class Connection:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def problem(self) -> str | None:
+        """What keeps the connection from working, in words for the operator; None: nothing."""
+        return self._problems.problem
 
     def start(self) -> None:
         """Connect in the background; a broker that is down is retried until it is up."""
@@ -312,7 +303,7 @@ class Connection:
             log.error("publish to %s refused: %s", topic, paho.error_string(info.rc))
             return Delivery(None)
         if qos > 0:
-            self._register_delivery(info.mid, on_delivered)
+            self._acks.register_delivery(info.mid, on_delivered)
         return Delivery(info)
 
     def acknowledge(self, message: Inbound) -> None:
@@ -322,17 +313,6 @@ class Connection:
         rc = self._client.ack(message.mid, message.qos)
         if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("could not acknowledge message %d: %s", message.mid, paho.error_string(rc))
-
-    def _register_delivery(self, mid: int, on_delivered: Callable[[], None] | None) -> None:
-        with self._delivery_lock:
-            if mid in self._acked_early:
-                self._acked_early.discard(mid)
-                delivered_now = True
-            else:
-                self._on_delivered[mid] = on_delivered
-                delivered_now = False
-        if delivered_now and on_delivered is not None:
-            on_delivered()
 
     def subscribe(self, topic: str) -> int | None:
         """Subscribe now and after every reconnect (a client's answer topic, before it asks).
@@ -364,22 +344,12 @@ class Connection:
         """Wait for the SUBACK or UNSUBACK of the request `mid` (None: nothing was sent)."""
         if mid is None:
             return False
-        with self._acks_cond:
-            done = self._acks_cond.wait_for(lambda: mid in self._acked_requests, timeout_s)
-            self._acked_requests.discard(mid)
-            return done
+        return self._acks.wait_acknowledged(mid, timeout_s)
 
     @property
     def subscribed(self) -> bool:
         """Whether the broker has acknowledged every subscription asked for so far."""
         return not self._pending_subscriptions
-
-    def _note_acknowledged(self, mid: int) -> None:
-        with self._acks_cond:
-            self._acked_requests.add(mid)
-            if len(self._acked_requests) > _MAX_REMEMBERED_ACKS:
-                self._acked_requests.pop()  # nobody waits for so old a request
-            self._acks_cond.notify_all()
 
     def stop(self) -> None:
         """Disconnect cleanly (no last will) and stop the network thread."""
@@ -406,11 +376,7 @@ class Connection:
     ) -> None:
         try:
             if reason_code.is_failure:
-                self._connack_refused = True
-                self._set_problem(
-                    f"broker {self._host}:{self._port} refused the connection: "
-                    f"{reason_code} (check mqtt.username / the password)"
-                )
+                self._problems.refused(reason_code)
                 return
             packet_limit = getattr(properties, "MaximumPacketSize", None) if properties else None
             self._broker_max_packet_bytes = int(packet_limit) if packet_limit else None
@@ -426,9 +392,7 @@ class Connection:
                 if mid is not None:
                     self._pending_subscriptions[mid] = list(self._subscriptions)
             self._connected.set()
-            self._connected_at = time.monotonic()
-            if len(self._takeovers) < _TAKEOVERS_REPORTED:
-                self._set_problem(None)
+            self._problems.connected()
             if self._on_connected is not None:
                 self._on_connected()
         except Exception:
@@ -445,26 +409,7 @@ class Connection:
         try:
             was_connected = self._connected.is_set()
             self._connected.clear()
-            # MQTT 5 brokers may say "Session taken over"; mosquitto 2.0 just closes the socket,
-            # so a connection that keeps dropping right after it was made counts too.
-            short_lived = time.monotonic() - self._connected_at < _SHORT_CONNECTION_S
-            if reason_code == "Session taken over" or (was_connected and short_lived):
-                self._note_takeover()
-            if was_connected and reason_code != 0:
-                log.warning("lost the broker (%s); reconnecting", reason_code)
-            elif not was_connected and not self._connack_refused:
-                # TCP (and TLS) worked, but the broker closed before accepting us.
-                hint = (
-                    "a missing or rejected client certificate (mqtt.tls.cert_file)?"
-                    if self._tls_context is not None
-                    else "see the broker's log"
-                )
-                self._set_problem(
-                    f"broker {self._host}:{self._port} closed the connection before accepting "
-                    f"it ({reason_code}); {hint}"
-                )
-            # A refusal in CONNACK explains this attempt's disconnect; the next attempt is new.
-            self._connack_refused = False
+            self._problems.disconnected(reason_code, was_connected=was_connected)
         except Exception:
             log.exception("error in disconnect handler")
 
@@ -480,12 +425,8 @@ class Connection:
             topics = self._pending_subscriptions.pop(mid, [])
             for topic, code in zip(topics, reason_codes, strict=False):
                 if code.is_failure:
-                    # Typically an ACL: the kiosk would sit online and never hear a question.
-                    self._set_problem(
-                        f"broker refused the subscription to {topic}: {code} "
-                        "(check the broker's ACL for this user)"
-                    )
-            self._note_acknowledged(mid)
+                    self._problems.subscription_refused(topic, code)
+            self._acks.note_acknowledged(mid)
         except Exception:
             log.exception("error in subscribe handler")
 
@@ -498,7 +439,7 @@ class Connection:
         properties: Properties | None,
     ) -> None:
         try:
-            self._note_acknowledged(mid)
+            self._acks.note_acknowledged(mid)
         except Exception:
             log.exception("error in unsubscribe handler")
 
@@ -518,59 +459,15 @@ class Connection:
                     mid,
                     reason_code,
                 )
-            with self._delivery_lock:
-                if mid in self._on_delivered:
-                    on_delivered = self._on_delivered.pop(mid)
-                else:
-                    on_delivered = None
-                    self._acked_early.add(mid)
-            # A refused message is delivered all the same: the broker will not take it later.
-            if on_delivered is not None:
-                on_delivered()
+            self._acks.note_delivered(mid)
         except Exception:
             log.exception("error in publish handler")
 
     def _handle_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         try:
-            # paho's retry loop swallows the reason; probe once to name it for the operator.
-            self._set_problem(self._diagnose())
+            self._problems.connect_failed()
         except Exception:
             log.exception("error in connect-fail handler")
-
-    def _diagnose(self) -> str:
-        where = f"{self._host}:{self._port}"
-        try:
-            with socket.create_connection((self._host, self._port), timeout=5) as sock:
-                if self._tls_context is not None:
-                    with self._tls_context.wrap_socket(sock, server_hostname=self._host):
-                        pass
-        except ssl.SSLCertVerificationError as exc:
-            return f"TLS: the certificate of broker {where} was rejected: {exc.verify_message}"
-        except ssl.SSLError as exc:
-            return f"TLS handshake with broker {where} failed: {exc.reason or exc}"
-        except OSError as exc:
-            return f"cannot reach broker {where}: {exc.strerror or exc}"
-        return f"connecting to broker {where} failed (TCP and TLS work; see the broker's log)"
-
-    def _note_takeover(self) -> None:
-        now = time.monotonic()
-        self._takeovers = [t for t in self._takeovers if now - t < 60] + [now]
-        if len(self._takeovers) >= _TAKEOVERS_REPORTED:
-            self._set_problem(
-                f"the broker dropped us {len(self._takeovers)} times in 60 s right after "
-                f"connecting: most likely another client uses client id {self._client_id!r}; "
-                "give each kiosk its own mqtt.client_id"
-            )
-
-    def _set_problem(self, problem: str | None) -> None:
-        """Record the current connection problem; log and report each change once."""
-        if problem == self.problem:
-            return
-        self.problem = problem
-        if problem is not None:
-            log.error("%s (retrying with backoff)", problem.rstrip("."))
-        if self._on_problem is not None:
-            self._on_problem(problem)
 
     def _handle_message(
         self, client: paho.Client, userdata: Any, message: paho.MQTTMessage

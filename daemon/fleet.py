@@ -25,9 +25,9 @@ from daemon.config import Config
 from daemon.intake import Intake
 from daemon.ledger import PacketLedger, RecentAnswers
 from daemon.loglimit import LogLimiter
-from daemon.messages import parse_cancel, parse_forget
 from daemon.scheduler import Scheduler
 from daemon.topics import Topics
+from daemon.validation import parse_cancel, parse_forget
 
 log = logging.getLogger(__name__)
 

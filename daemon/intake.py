@@ -22,7 +22,6 @@ from daemon.messages import (
     RequestError,
     StreamMessage,
     duplicate_id_payload,
-    parse_request,
 )
 from daemon.outlet import ConnectionOutlet, IntakeConnection
 from daemon.ratelimit import RateLimiter
@@ -30,6 +29,7 @@ from daemon.replyroutes import ReplyRoutes
 from daemon.scheduler import Scheduler
 from daemon.stream import ReplyStream
 from daemon.topics import Topics
+from daemon.validation import parse_request
 
 log = logging.getLogger(__name__)
 

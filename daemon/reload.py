@@ -9,10 +9,15 @@ strand questions, so those keys are named in the log and left as they were.
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from daemon.config import Config
+from daemon.config import Config, ConfigError, load
+
+log = logging.getLogger(__name__)
 
 LIVE_SECTIONS = ("logging", "telemetry", "thermal", "limits", "queue")
 # Keys inside live sections that still need a restart.
@@ -23,6 +28,32 @@ _RESTART_ONLY = frozenset({"telemetry.sys_root", "telemetry.vcgencmd", "limits.d
 class ReloadPlan:
     live_keys: tuple[str, ...]
     restart_keys: tuple[str, ...]
+
+
+def reload(config_path: Path | None, running: Config, apply: Callable[[Config], None]) -> Config:
+    """Read `config_path` again and `apply` the new config; returns the config now running.
+
+    A file that does not load leaves everything as it was; keys that need a restart keep their
+    running value and are named in the log.
+    """
+    if config_path is None:
+        log.warning("no config file to reload (started with the built-in defaults)")
+        return running
+    try:
+        new = load(config_path)
+    except ConfigError as exc:
+        log.error("reload refused, keeping the running configuration: %s", "; ".join(exc.problems))
+        return running
+    plan = plan_reload(running, new)
+    for key in plan.restart_keys:
+        log.warning("reload: %s changed; it takes effect only after a restart", key)
+    apply(new)
+    running = replace_live(running, new)
+    log.info(
+        "reload: applied %s",
+        ", ".join(plan.live_keys) if plan.live_keys else "nothing (no live key changed)",
+    )
+    return running
 
 
 def plan_reload(running: Config, new: Config) -> ReloadPlan:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import subprocess
 import threading
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,13 @@ from pathlib import Path
 from typing import TypedDict
 
 import psutil
+
+from daemon.throttleflags import (
+    UNKNOWN_THROTTLE,
+    ThrottledJson,
+    ThrottleState,
+    parse_throttled,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +46,6 @@ _CPU_ZONE_PRIORITY: tuple[tuple[str, ...], ...] = (
     ("acpitz",),
 )
 
-# Bit positions of `vcgencmd get_throttled`, from the Raspberry Pi firmware documentation.
-_THROTTLE_FLAG_BITS: tuple[tuple[int, str], ...] = (
-    (0, "under_voltage_now"),
-    (1, "arm_frequency_capped_now"),
-    (2, "throttled_now"),
-    (3, "soft_temperature_limit_now"),
-    (16, "under_voltage_occurred"),
-    (17, "arm_frequency_capped_occurred"),
-    (18, "throttled_occurred"),
-    (19, "soft_temperature_limit_occurred"),
-)
-_THROTTLE_NOW_MASK = 0x0000F
-_THROTTLE_SINCE_BOOT_MASK = 0xF0000
-_THROTTLED_RE = re.compile(r"throttled=(0x[0-9a-fA-F]+)")
-
 _BYTES_PER_MB = 1024 * 1024
 
 # psutil raises its own errors for vanished processes and OSError for unreadable /proc entries;
@@ -75,12 +66,6 @@ class MemoryJson(TypedDict):
     rss_mb: int | None
 
 
-class ThrottledJson(TypedDict):
-    now: bool | None
-    since_boot: bool | None
-    flags: list[str]
-
-
 class ThermalJson(TypedDict):
     cpu_c: float | None
     zones: dict[str, float | None]
@@ -91,21 +76,6 @@ class TelemetryJson(TypedDict):
     cpu: CpuJson
     memory: MemoryJson
     thermal: ThermalJson
-
-
-@dataclass(frozen=True, slots=True)
-class ThrottleState:
-    """Raspberry Pi firmware throttle state; all unknown where there is no vcgencmd."""
-
-    now: bool | None
-    since_boot: bool | None
-    flags: tuple[str, ...] = ()
-
-    def to_dict(self) -> ThrottledJson:
-        return {"now": self.now, "since_boot": self.since_boot, "flags": list(self.flags)}
-
-
-UNKNOWN_THROTTLE = ThrottleState(now=None, since_boot=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,24 +138,6 @@ class Telemetry:
             "memory": self.memory.to_dict(),
             "thermal": self.thermal.to_dict(),
         }
-
-
-def decode_throttled(value: int) -> ThrottleState:
-    """Name the bits of a `vcgencmd get_throttled` value."""
-    flags = tuple(name for bit, name in _THROTTLE_FLAG_BITS if value & (1 << bit))
-    return ThrottleState(
-        now=bool(value & _THROTTLE_NOW_MASK),
-        since_boot=bool(value & _THROTTLE_SINCE_BOOT_MASK),
-        flags=flags,
-    )
-
-
-def parse_throttled(output: str) -> ThrottleState:
-    """Decode `vcgencmd get_throttled` output such as ``throttled=0x50005``; unknown if garbled."""
-    match = _THROTTLED_RE.search(output)
-    if match is None:
-        return UNKNOWN_THROTTLE
-    return decode_throttled(int(match.group(1), 16))
 
 
 class TelemetryReader:

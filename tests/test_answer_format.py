@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from daemon.grammar import FormatError, JsonValue, answer_format, json_complete
-from daemon.messages import Done, ErrorCode, RequestError, Timing, Usage, parse_request
+from daemon.messages import Done, ErrorCode, RequestError, Timing, Usage
+from daemon.validation import parse_request
 
 LIMITS = {"max_payload_bytes": 65536, "max_question_chars": 2000, "max_schema_bytes": 8192}
 

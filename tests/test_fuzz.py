@@ -17,7 +17,8 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from daemon.messages import ErrorCode, Request, RequestError, parse_cancel, parse_request
+from daemon.messages import ErrorCode, Request, RequestError
+from daemon.validation import parse_cancel, parse_request
 from tests.conftest import DaemonFactory
 from tests.mqtt_client import Received, TestClient, assert_well_formed
 from tests.test_chaos import Streams

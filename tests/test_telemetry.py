@@ -12,13 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon.telemetry import (
-    Telemetry,
-    TelemetryReader,
-    ThrottleState,
-    decode_throttled,
-    parse_throttled,
-)
+from daemon.telemetry import Telemetry, TelemetryReader
+from daemon.throttleflags import ThrottleState, decode_throttled, parse_throttled
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SYS = FIXTURES / "sys"

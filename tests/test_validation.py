@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from daemon.messages import ErrorCode, RequestError, parse_cancel, parse_request
+from daemon.messages import ErrorCode, RequestError
+from daemon.validation import parse_cancel, parse_request
 from tests.conftest import DaemonFactory
 from tests.mqtt_client import TestClient, assert_well_formed
 

@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
-        from daemon.app import report_config_error  # noqa: PLC0415
+        from daemon.startfailure import report_config_error  # noqa: PLC0415
 
         report_config_error(args.config, exc.problems)
         return exitcodes.CONFIG_ERROR
