@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support.daemon import REPO
 
 
+@pytest.mark.slow
 def test_bench_measures_both_systems_and_writes_its_figures(
     tmp_path: Path, model_path: Path
 ) -> None:

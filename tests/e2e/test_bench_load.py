@@ -49,6 +49,7 @@ def _load(path: Path) -> dict[str, Any]:
     return data
 
 
+@pytest.mark.slow
 def test_chunking_counts_messages_and_keeps_the_text(tmp_path: Path, model_path: Path) -> None:
     _bench(tmp_path, model_path, "--chunking", "--flush-ms", "0,200", env={})
     result = _load(tmp_path / "bench-chunking.json")
@@ -71,6 +72,7 @@ def test_chunking_counts_messages_and_keeps_the_text(tmp_path: Path, model_path:
     assert all(row["text_mismatches"] == 0 for row in result["summary"].values())
 
 
+@pytest.mark.slow
 def test_contention_measures_every_cell(tmp_path: Path, model_path: Path) -> None:
     # Settings in the caller's shell must not reach the "default" variant.
     caller = {"GOMP_SPINCOUNT": "12345", "OMP_WAIT_POLICY": "ACTIVE"}
@@ -113,6 +115,7 @@ def _cgroup_writable() -> str | None:
         return str(error)
 
 
+@pytest.mark.slow
 def test_contention_runs_each_daemon_under_its_own_cpu_quota(
     tmp_path: Path, model_path: Path
 ) -> None:

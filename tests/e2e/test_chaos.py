@@ -555,6 +555,7 @@ def _check_complete(session: SessionClient, prefix: str, request_id: str) -> dic
     return final
 
 
+@pytest.mark.slow
 def test_broker_restarts_mid_stream_lose_nothing(
     start_daemon: DaemonFactory,
     persistent_broker: PersistentBroker,
@@ -620,6 +621,7 @@ def check_online_and_answering(port: int, daemon: Daemon) -> None:
     assert daemon.process.poll() is None, daemon.log()
 
 
+@pytest.mark.slow
 def test_broker_crashes_and_forgets_everything(
     start_daemon: DaemonFactory,
     own_broker: Broker,
@@ -684,6 +686,7 @@ def _wait_quiet(session: SessionClient, topic: str, quiet_s: float = 0.5) -> Non
 # --- 3. a network partition between daemon and broker -----------------------------------------
 
 
+@pytest.mark.slow
 def test_partition_is_noticed_and_healed(
     start_daemon: DaemonFactory,
     broker: Broker,

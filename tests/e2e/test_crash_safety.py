@@ -89,6 +89,7 @@ def test_sigkill_with_running_and_queued_questions_ends_each_once_after_restart(
         assert final["finish_reason"] == "length"
 
 
+@pytest.mark.slow
 def test_freeze_past_keepalive_answers_once(
     start_daemon: DaemonFactory, client: TestClient
 ) -> None:
@@ -120,6 +121,7 @@ def test_freeze_past_keepalive_answers_once(
     assert "again; it is in hand" in daemon.log(), "the broker's redelivery was seen and skipped"
 
 
+@pytest.mark.slow
 def test_partition_between_delivery_and_answer_answers_once(
     start_daemon: DaemonFactory, broker: Broker, client: TestClient
 ) -> None:

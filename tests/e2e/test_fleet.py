@@ -22,6 +22,8 @@ import pytest
 from tests.support.daemon import REPO, Broker, Daemon, DaemonFactory
 from tests.support.mqtt_client import TestClient
 
+# Two or three daemons in every test.
+pytestmark = pytest.mark.slow
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 # About 0.2 s an answer: 8 tokens, 25 ms each.
 TIMED = {"KIOSKD_TEST_IGNORE_EOS": "1", "KIOSKD_TEST_TOKEN_DELAY_MS": "25"}

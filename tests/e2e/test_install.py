@@ -431,6 +431,7 @@ def test_a_python_the_service_user_cannot_run_is_refused_before_anything_changes
 
 @needs_root
 @pytest.mark.timeout(1800)  # only if no wheel could be seeded: then llama.cpp compiles once
+@pytest.mark.slow
 def test_install_and_uninstall_in_a_root_without_systemd(
     target_root: Path, generic_wheels: Path
 ) -> None:

@@ -27,6 +27,8 @@ if reason := browser.available():
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 
+# A real browser beside the daemon in every test.
+pytestmark = pytest.mark.slow
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 VCGENCMD_OK = str(FIXTURES / "bin" / "vcgencmd-ok")
 # Screenshots for people to look at (bench-results/ is not committed).
