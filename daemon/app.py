@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from daemon import __version__, exitcodes
-from daemon.broker import JSON, Connection, Delivery, Inbound, Will
+from daemon.broker import Connection
+from daemon.brokeracks import Delivery
 from daemon.config import Config, config_warnings
 from daemon.control import Controls
 from daemon.conversations import ConversationStore, Saver
@@ -23,6 +24,7 @@ from daemon.loading import conversation_turns, load_engine, restore_conversation
 from daemon.messages import ErrorCode
 from daemon.models import EmbeddedModelError, resolve
 from daemon.monitor import Monitor, Snapshot
+from daemon.packets import JSON, Inbound, Will
 from daemon.reload import reload
 from daemon.scheduler import Scheduler
 from daemon.selfreport import health_snapshot, state_line

@@ -12,7 +12,6 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -21,41 +20,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from daemon.brokeracks import Acknowledgements
+from daemon.brokeracks import Acknowledgements, Delivery, Subscriptions
 from daemon.brokerproblems import ConnectionProblems
+from daemon.packets import Inbound, PacketLimit, Will
 
 log = logging.getLogger(__name__)
 
 # Outgoing messages paho may hold while disconnected: a few long answers' worth of chunks.
 _MAX_QUEUED_MESSAGES = 20000
-
-JSON = "application/json"
-
-
-def publish_packet_bytes(
-    topic: str,
-    payload_bytes: int,
-    *,
-    qos: int = 1,
-    correlation_data: bytes | None = None,
-    content_type: str | None = None,
-    mqtt5: bool = True,
-) -> int:
-    """The size of the whole PUBLISH packet, as a broker's maximum packet size counts it."""
-    properties = _publish_properties(correlation_data, content_type) if mqtt5 else None
-    variable = 2 + len(topic.encode("utf-8")) + (2 if qos > 0 else 0)
-    if mqtt5:
-        variable += len(properties.pack()) if properties is not None else 1  # type: ignore[no-untyped-call]
-    remaining = variable + payload_bytes
-    return 1 + _varint_bytes(remaining) + remaining
-
-
-def _varint_bytes(value: int) -> int:
-    size = 1
-    while value >= 128:
-        value >>= 7
-        size += 1
-    return size
 
 
 def _publish_properties(
@@ -71,51 +43,6 @@ def _publish_properties(
     if correlation_data is not None:
         properties.CorrelationData = correlation_data
     return properties
-
-
-@dataclass(frozen=True)
-class Inbound:
-    """A received PUBLISH, reduced to what kioskd reads."""
-
-    topic: str
-    payload: bytes
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-    user_properties: tuple[tuple[str, str], ...] = ()
-    retain: bool = False
-    qos: int = 0
-    # The broker's packet id: with the QoS 1 acknowledgement held back (manual_ack), a message
-    # the broker sends again (dup) after a reconnect comes with the same one.
-    mid: int = 0
-    dup: bool = False
-
-
-@dataclass(frozen=True)
-class Will:
-    topic: str
-    payload: bytes
-    retain: bool = True
-
-
-class Delivery:
-    """Handle on a queued publish: lets shutdown wait until the broker has acknowledged it."""
-
-    def __init__(self, info: paho.MQTTMessageInfo | None) -> None:
-        self._info = info
-
-    @property
-    def refused(self) -> bool:
-        """True when the message was never handed to paho (too large, or an error)."""
-        return self._info is None
-
-    def wait(self, timeout_s: float) -> bool:
-        if self._info is None:
-            return False
-        try:
-            self._info.wait_for_publish(timeout_s)
-        except (RuntimeError, ValueError):  # paho raises when the client is disconnected
-            return False
-        return self._info.is_published()
 
 
 class Connection:
@@ -154,8 +81,7 @@ class Connection:
         self._mqtt5 = protocol == "5"
         self._persistent = session_expiry_s is not None
         self._session_expiry_s = session_expiry_s or 0
-        self._subscriptions = list(subscriptions)
-        self._subscriptions_lock = threading.Lock()
+        self._subscriptions = Subscriptions(subscriptions)
         self._on_message = on_message
         self._on_connected = on_connected
         self._connected = threading.Event()
@@ -166,9 +92,7 @@ class Connection:
             tls_context=tls_context,
             on_problem=on_problem,
         )
-        self._configured_max_packet_bytes = max_packet_bytes
-        self._broker_max_packet_bytes: int | None = None
-        self._pending_subscriptions: dict[int, list[str]] = {}
+        self._limit = PacketLimit(max_packet_bytes, mqtt5=self._mqtt5)
         self._acks = Acknowledgements()
         self._client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -230,12 +154,7 @@ class Connection:
     @property
     def max_packet_bytes(self) -> int | None:
         """The largest packet we may send: the configured limit or the broker's, if smaller."""
-        known = [
-            limit
-            for limit in (self._configured_max_packet_bytes, self._broker_max_packet_bytes)
-            if limit
-        ]
-        return min(known) if known else None
+        return self._limit.max_bytes
 
     def packet_bytes(
         self,
@@ -247,13 +166,12 @@ class Connection:
         content_type: str | None = None,
     ) -> int:
         """The PUBLISH packet's size on this connection (MQTT 3.1.1 drops the properties)."""
-        return publish_packet_bytes(
+        return self._limit.packet_bytes(
             topic,
             payload_bytes,
             qos=qos,
             correlation_data=correlation_data,
             content_type=content_type,
-            mqtt5=self._mqtt5,
         )
 
     def publish(
@@ -274,23 +192,14 @@ class Connection:
         send it again after every reconnect. `on_delivered` runs on the network thread once the
         broker has acknowledged a QoS 1 message.
         """
-        limit = self.max_packet_bytes
-        if limit is not None:
-            size = self.packet_bytes(
-                topic,
-                len(payload),
-                qos=qos,
-                correlation_data=correlation_data,
-                content_type=content_type,
-            )
-            if size > limit:
-                log.error(
-                    "not publishing %d bytes to %s: over the broker's maximum packet size of %d",
-                    size,
-                    topic,
-                    limit,
-                )
-                return Delivery(None)
+        if self._limit.refuses(
+            topic,
+            len(payload),
+            qos=qos,
+            correlation_data=correlation_data,
+            content_type=content_type,
+        ):
+            return Delivery(None)
         properties = _publish_properties(correlation_data, content_type) if self._mqtt5 else None
         try:
             info = self._client.publish(
@@ -320,23 +229,17 @@ class Connection:
         A PUBLISH queued after this call reaches the broker after the SUBSCRIBE, so the replies
         to it are routed to us.
         """
-        with self._subscriptions_lock:
-            if topic in self._subscriptions:
-                return None
-            # A new list, never changed in place: the network thread may be iterating the old.
-            self._subscriptions = [*self._subscriptions, topic]
+        if not self._subscriptions.add(topic):
+            return None
         # While disconnected paho refuses this; the next connect subscribes to the whole list.
         _rc, mid = self._client.subscribe(topic, 1)
-        if mid is not None:
-            self._pending_subscriptions[mid] = [topic]
+        self._subscriptions.sent(mid, [topic])
         return mid
 
     def unsubscribe(self, topic: str) -> int | None:
         """Drop a subscription made with `subscribe` (or given at construction)."""
-        with self._subscriptions_lock:
-            if topic not in self._subscriptions:
-                return None
-            self._subscriptions = [t for t in self._subscriptions if t != topic]
+        if not self._subscriptions.remove(topic):
+            return None
         _rc, mid = self._client.unsubscribe(topic)
         return mid
 
@@ -349,7 +252,7 @@ class Connection:
     @property
     def subscribed(self) -> bool:
         """Whether the broker has acknowledged every subscription asked for so far."""
-        return not self._pending_subscriptions
+        return self._subscriptions.all_acknowledged
 
     def stop(self) -> None:
         """Disconnect cleanly (no last will) and stop the network thread."""
@@ -379,18 +282,17 @@ class Connection:
                 self._problems.refused(reason_code)
                 return
             packet_limit = getattr(properties, "MaximumPacketSize", None) if properties else None
-            self._broker_max_packet_bytes = int(packet_limit) if packet_limit else None
+            self._limit.broker_bytes = int(packet_limit) if packet_limit else None
             log.info(
                 "connected to broker %s:%s (session present: %s)",
                 self._host,
                 self._port,
                 flags.session_present,
             )
-            if self._subscriptions:
+            if topics := self._subscriptions.topics:
                 # Resubscribe every time: a broker that lost our session has lost them too.
-                _rc, mid = client.subscribe([(topic, 1) for topic in self._subscriptions])
-                if mid is not None:
-                    self._pending_subscriptions[mid] = list(self._subscriptions)
+                _rc, mid = client.subscribe([(topic, 1) for topic in topics])
+                self._subscriptions.sent(mid, topics)
             self._connected.set()
             self._problems.connected()
             if self._on_connected is not None:
@@ -422,7 +324,7 @@ class Connection:
         properties: Properties | None,
     ) -> None:
         try:
-            topics = self._pending_subscriptions.pop(mid, [])
+            topics = self._subscriptions.acknowledged(mid)
             for topic, code in zip(topics, reason_codes, strict=False):
                 if code.is_failure:
                     self._problems.subscription_refused(topic, code)

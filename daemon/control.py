@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from daemon.broker import Inbound
 from daemon.loglimit import LogLimiter
+from daemon.packets import Inbound
 from daemon.topics import Topics
 from daemon.validation import parse_cancel, parse_forget
 

@@ -20,11 +20,12 @@ import logging
 import threading
 from collections.abc import Callable
 
-from daemon.broker import Connection, Inbound
+from daemon.broker import Connection
 from daemon.config import Config
 from daemon.intake import Intake
 from daemon.ledger import PacketLedger, RecentAnswers
 from daemon.loglimit import LogLimiter
+from daemon.packets import Inbound
 from daemon.scheduler import Scheduler
 from daemon.topics import Topics
 from daemon.validation import parse_cancel, parse_forget

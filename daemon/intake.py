@@ -10,7 +10,6 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-from daemon.broker import JSON, Inbound
 from daemon.config import Config
 from daemon.jobs import Job
 from daemon.ledger import PacketLedger, RecentAnswers, digest
@@ -24,6 +23,7 @@ from daemon.messages import (
     duplicate_id_payload,
 )
 from daemon.outlet import ConnectionOutlet, IntakeConnection
+from daemon.packets import JSON, Inbound
 from daemon.ratelimit import RateLimiter
 from daemon.replyroutes import ReplyRoutes
 from daemon.scheduler import Scheduler

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from daemon.broker import JSON, Inbound
+from daemon.packets import JSON, Inbound
 
 
 class Sent(Protocol):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from daemon.broker import Inbound
 from daemon.messages import (
     ConversationInfo,
     Done,
@@ -20,6 +19,7 @@ from daemon.messages import (
     Usage,
 )
 from daemon.outlet import Outlet
+from daemon.packets import Inbound
 from daemon.topics import Topics, is_allowed_reply_topic, reply_topic_problem
 
 # Room a reply needs besides its topic and correlation data: a done with a short text, usage and

@@ -26,7 +26,8 @@ from typing import Any
 from daemon.bench.harness import IGNORE_EOS, progress, spawn, write_config
 from daemon.bench.localbroker import LocalBroker, free_port
 from daemon.bench.results import command_line
-from daemon.broker import Connection, Inbound
+from daemon.broker import Connection
+from daemon.packets import Inbound
 
 _TOKEN_DELAY_MS = 250
 _TOKENS = 6  # about 1.5 s an answer: the delay, not the CPU, sets the pace

@@ -19,8 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from daemon.bench.localbroker import free_port
-from daemon.broker import Connection, Inbound
+from daemon.broker import Connection
 from daemon.engine import Engine
+from daemon.packets import Inbound
 from daemon.topics import Topics
 
 BRIDGE_PREFIX = "bench/bridge"

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from daemon.broker import Connection, Inbound
+from daemon.broker import Connection
 from daemon.config import Config
+from daemon.packets import Inbound
 from daemon.ratelimit import RateLimiter
 from daemon.topics import Topics
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.broker import JSON, Delivery, publish_packet_bytes
+from daemon.brokeracks import Delivery
 from daemon.messages import Chunk, Done, Timing, Usage
+from daemon.packets import JSON, publish_packet_bytes
 from daemon.ratelimit import RateLimiter
 from daemon.stream import ChunkBuffer, ReplyStream
 from tests.support.daemon import Broker, DaemonFactory, free_port

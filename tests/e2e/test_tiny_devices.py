@@ -12,8 +12,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from daemon.broker import JSON, Delivery, publish_packet_bytes
+from daemon.brokeracks import Delivery
 from daemon.messages import Chunk, Done, Error, ErrorCode, Timing, Usage
+from daemon.packets import JSON, publish_packet_bytes
 from daemon.stream import ReplyStream
 from tests.support.daemon import REPO, DaemonFactory
 from tests.support.mqtt_client import Received, TestClient, assert_well_formed

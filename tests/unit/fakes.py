@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.broker import JSON, Inbound, publish_packet_bytes
 from daemon.generation import Generation
 from daemon.grammar import AnswerFormat
+from daemon.packets import JSON, Inbound, publish_packet_bytes
 
 # Long enough never to pass on a loaded machine; a test that waits this long has failed.
 WAIT_S = 10.0

@@ -7,10 +7,10 @@ from collections.abc import Iterator, Mapping
 
 import pytest
 
-from daemon.broker import Inbound
 from daemon.config import Config, LimitsConfig
 from daemon.intake import Intake
 from daemon.ledger import PacketLedger, RecentAnswers
+from daemon.packets import Inbound
 from daemon.scheduler import Scheduler
 from daemon.topics import Topics
 from tests.unit.fakes import WAIT_S, Acked, FakeGenerator, RecordingConnection, summary
