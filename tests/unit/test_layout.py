@@ -54,3 +54,12 @@ def test_kioskd_bench_imports_the_benchmarks_inside_its_handlers_only() -> None:
     top_level = ast.Module(body=[n for n in tree.body if not isinstance(n, ast.FunctionDef)])
     assert _bench_imports(top_level) == set()
     assert _bench_imports(tree), "kioskd bench runs the benchmarks of daemon/bench"
+
+
+def test_the_readme_layout_map_names_every_module() -> None:
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme[readme.index("- Package layout:") :].split("\n\n")[0]
+    named = {p.name for p in _modules() if p.name != "__init__.py" and f"`{p.name}`" in section}
+    every = {p.name for p in _modules() if p.name != "__init__.py"}
+    assert every - named == set()
+    assert {f"`{name}/`" for name in SUBPACKAGES if f"`{name}/`" not in section} == set()
