@@ -22,7 +22,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from daemon.brokeracks import Acknowledgements, Delivery, Subscriptions
 from daemon.brokerproblems import ConnectionProblems
-from daemon.packets import Inbound, PacketLimit, Will
+from daemon.packets import Inbound, PacketLimit, Will, publish_packet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +166,13 @@ class Connection:
         content_type: str | None = None,
     ) -> int:
         """The PUBLISH packet's size on this connection (MQTT 3.1.1 drops the properties)."""
-        return self._limit.packet_bytes(
+        return publish_packet_bytes(
             topic,
             payload_bytes,
             qos=qos,
             correlation_data=correlation_data,
             content_type=content_type,
+            mqtt5=self._mqtt5,
         )
 
     def publish(

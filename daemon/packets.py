@@ -55,25 +55,6 @@ class PacketLimit:
         known = [limit for limit in (self.configured_bytes, self.broker_bytes) if limit]
         return min(known) if known else None
 
-    def packet_bytes(
-        self,
-        topic: str,
-        payload_bytes: int,
-        *,
-        qos: int = 1,
-        correlation_data: bytes | None = None,
-        content_type: str | None = None,
-    ) -> int:
-        """The PUBLISH packet's size on this connection (MQTT 3.1.1 drops the properties)."""
-        return publish_packet_bytes(
-            topic,
-            payload_bytes,
-            qos=qos,
-            correlation_data=correlation_data,
-            content_type=content_type,
-            mqtt5=self.mqtt5,
-        )
-
     def refuses(
         self,
         topic: str,
@@ -87,12 +68,13 @@ class PacketLimit:
         limit = self.max_bytes
         if limit is None:
             return False
-        size = self.packet_bytes(
+        size = publish_packet_bytes(
             topic,
             payload_bytes,
             qos=qos,
             correlation_data=correlation_data,
             content_type=content_type,
+            mqtt5=self.mqtt5,
         )
         if size <= limit:
             return False
