@@ -13,7 +13,7 @@ from daemon.packets import JSON, Inbound
 
 
 class Sent(Protocol):
-    """A publish handed to the broker connection (broker.Delivery is one)."""
+    """A publish handed to the broker connection (brokeracks.Delivery is one)."""
 
     @property
     def refused(self) -> bool:
