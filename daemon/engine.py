@@ -30,6 +30,7 @@ from daemon.sampling import GrammarError, GrammarMode, Sampler
 from daemon.seqstate import SavedState
 from daemon.stops import AnswerText
 from daemon.testhooks import TestHooks
+from daemon.vocabindex import VocabIndex
 
 # ModelLoadError comes from daemon.modelload; it is the engine's error for its callers too.
 __all__ = ["Engine", "EngineSettings", "ModelLoadError"]
@@ -89,6 +90,7 @@ class Engine:
         # tokens chosen without and with masking the whole vocabulary.
         self.grammar_mode = GrammarMode.CANDIDATES
         self.grammar_counts = (0, 0)
+        self._vocab_index: VocabIndex | None = None  # built at the first JSON answer
         self._prompts: PromptBuilder | CompletionFrame
         style = settings.prompt_style
         if style == "completion" or (style == "auto" and not template):
@@ -334,6 +336,8 @@ class Engine:
         return min(max_tokens or settings.max_tokens, settings.max_tokens, room)
 
     def _sampler(self, temp: float, answer_format: AnswerFormat | None) -> Sampler:
+        if answer_format is not None and self._vocab_index is None:
+            self._vocab_index = VocabIndex(self._vocab)
         try:
             return Sampler(
                 self._vocab,
@@ -342,6 +346,7 @@ class Engine:
                 repeat_penalty=self.settings.repeat_penalty,
                 grammar=answer_format.grammar if answer_format else None,
                 mode=self.grammar_mode,
+                index=self._vocab_index,
             )
         except GrammarError as exc:
             raise RequestError(ErrorCode.INVALID_REQUEST, f"format: {exc}") from exc

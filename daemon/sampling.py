@@ -6,12 +6,15 @@ A grammar sampler that masks the whole vocabulary checks every token (Gemma 3: 2
 model's own decoding. llama.cpp's common sampler samples freely first and checks only that one
 token, masking the whole vocabulary when it is rejected. A small model that has not seen the
 schema is rejected often, though (it cannot guess the property names), so kioskd checks the
-2048 likeliest tokens instead (then 16384), and the free sampler's own chain chooses among those
-the grammar allows. That is the choice the whole-vocabulary mask gives whenever 40 or more of
-them are allowed (the chain keeps the top 40; with fewer, only tokens less likely than all the
-checked ones are missing), and exactly the greedy choice whenever one is. The whole vocabulary
-is masked only when none of them is allowed. All three ways are measured in
-docs/benchmarks.md (`kioskd bench grammar`).
+2048 likeliest tokens instead, and the free sampler's own chain chooses among those the grammar
+allows. That is the choice the whole-vocabulary mask gives whenever 40 or more of them are
+allowed (the chain keeps the top 40; with fewer, only tokens less likely than all the checked
+ones are missing), and exactly the greedy choice whenever one is. When none is, the grammar
+usually stands between two values and allows a few tokens only: the vocabulary groups that may
+hold them (daemon/vocabindex.py) are checked in full, which gives exactly the whole-vocabulary
+mask's choice at a few percent of its cost. Where the groups are many (the grammar allows much),
+the 16384 likeliest are checked, and only then the whole vocabulary. All the ways are measured
+in docs/benchmarks.md (`kioskd bench grammar`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from enum import StrEnum
 from typing import Any
 
 from daemon.llamacpp import lib
+from daemon.vocabindex import Candidates, VocabIndex
 
 # Llama.generate's defaults, which kioskd's sampled answers have always used.
 _TOP_K = 40
@@ -34,12 +38,16 @@ _PENALTY_LAST_N = 64
 # a JSON answer's tokens, the second for most of the rest: the next letters of a property name
 # the model did not expect (measured for docs/benchmarks.md).
 CANDIDATE_STEPS = (2048, 16384)
+# After the first step: every token of the vocabulary groups the grammar may allow, when they
+# are at most this many; between two values of a JSON answer they were 26-6020 on Gemma.
+_GROUP_LIMIT = 16384
 
 
 class GrammarMode(StrEnum):
     """How a grammar constrains each token (all three give grammatical answers)."""
 
-    CANDIDATES = "candidates"  # the likeliest 2048, then 16384; the whole vocabulary if none
+    CANDIDATES = "candidates"  # the likeliest 2048, the groups, 16384; the whole vocabulary if none
+    GROUPS = "groups"  # the vocabulary groups the grammar may allow; the whole if they are many
     SAMPLED = "sampled"  # llama.cpp's common sampler: one token checked; the whole if rejected
     MASKED = "masked"  # the whole vocabulary checked at every token
 
@@ -60,6 +68,7 @@ class Sampler:
         repeat_penalty: float = 1.0,
         grammar: str | None = None,
         mode: GrammarMode = GrammarMode.CANDIDATES,
+        index: VocabIndex | None = None,
     ) -> None:
         self._seed = seed if seed >= 0 else lib.LLAMA_DEFAULT_SEED
         self._temperature = temperature
@@ -97,6 +106,9 @@ class Sampler:
             for n in steps
         ]
         self._choice_chain = self._new_chain(*self._choice())
+        self._index = index
+        self._n_vocab = lib.llama_vocab_n_tokens(vocab)
+        self._group_data = Candidates(_GROUP_LIMIT) if index is not None else None
 
     def _penalty(self, vocab: lib.llama_vocab_p, repeat_penalty: float) -> Any:
         if repeat_penalty == 1.0:
@@ -132,6 +144,8 @@ class Sampler:
         token = None
         if self._mode is GrammarMode.CANDIDATES:
             token = self._from_candidates(ctx)
+        elif self._mode is GrammarMode.GROUPS:
+            token = self._from_groups(ctx)
         elif self._mode is GrammarMode.SAMPLED:
             token = self._sampled_if_allowed(ctx)
         if token is not None:
@@ -144,17 +158,47 @@ class Sampler:
         return int(lib.llama_sampler_sample(self._masked_chain, ctx, -1))
 
     def _from_candidates(self, ctx: lib.llama_context_p) -> int | None:
+        # The likeliest tokens first: a trained model's choice is nearly always among them.
+        first, *rest = self._top_k_chains or [None]
+        token = None if first is None else self._from_top(ctx, first)
+        if token is None:
+            token = self._from_groups(ctx)
+        for top_k_chain in rest:
+            if token is not None:
+                break
+            token = self._from_top(ctx, top_k_chain)
+        return token
+
+    def _from_top(self, ctx: lib.llama_context_p, top_k_chain: Any) -> int | None:
+        """The choice among the likeliest tokens the grammar allows; None: it allows none."""
         candidates = self._top_array
-        for top_k_chain in self._top_k_chains:
-            self._top_count = 0
-            lib.llama_sampler_sample(top_k_chain, ctx, -1)  # fills self._top via _capture
-            candidates.size, candidates.selected, candidates.sorted = self._top_count, -1, True
-            lib.llama_sampler_apply(self._grammar, ctypes.byref(candidates))
-            if self._top_count and max(self._top_logits[: self._top_count]) != -math.inf:
-                candidates.sorted = False  # refused candidates now sit at -inf among the rest
-                lib.llama_sampler_apply(self._choice_chain, ctypes.byref(candidates))
-                return int(self._top[candidates.selected].id)
+        self._top_count = 0
+        lib.llama_sampler_sample(top_k_chain, ctx, -1)  # fills self._top via _capture
+        candidates.size, candidates.selected, candidates.sorted = self._top_count, -1, True
+        lib.llama_sampler_apply(self._grammar, ctypes.byref(candidates))
+        if self._top_count and max(self._top_logits[: self._top_count]) != -math.inf:
+            candidates.sorted = False  # refused candidates now sit at -inf among the rest
+            lib.llama_sampler_apply(self._choice_chain, ctypes.byref(candidates))
+            return int(self._top[candidates.selected].id)
         return None
+
+    def _from_groups(self, ctx: lib.llama_context_p) -> int | None:
+        """The whole-vocabulary mask's choice, from the groups that may hold allowed tokens;
+        None when they are too many (then the grammar allows much: the likelier steps run)."""
+        if self._index is None or self._group_data is None:
+            return None
+        tokens = self._index.candidates(self._grammar, _GROUP_LIMIT)
+        if tokens is None:
+            return None
+        pointer = lib.llama_get_logits_ith(ctx, -1)
+        logits = ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float * self._n_vocab)).contents
+        self._group_data.fill(tokens, memoryview(logits).cast("B").cast("f"))
+        candidates = self._group_data.array()
+        lib.llama_sampler_apply(self._grammar, ctypes.byref(candidates))
+        if not self._group_data.any_allowed():
+            return None
+        lib.llama_sampler_apply(self._choice_chain, ctypes.byref(candidates))
+        return int(self._group_data.data[candidates.selected].id)
 
     def _capture(self, _sampler: Any, cur_p: Any) -> None:
         """The top-k stage's candidates, copied out (called by llama.cpp inside the chain)."""

@@ -164,7 +164,7 @@ def run_grammar(*, reps: int, tokens: int, threads: int, models: list[Path]) -> 
             reps,
             lambda cell, _rep: _sample(engines[cell[0]], cell[1], tokens),
             lambda cell, sample: (
-                f"{sample.model:28} {cell[1]:7} {sample.tokens:4} tokens: "
+                f"{sample.model:28} {cell[1]:10} {sample.tokens:4} tokens: "
                 f"{sample.decode_tokens_per_s:6.1f} tok/s"
             ),
         )

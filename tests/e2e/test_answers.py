@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ from daemon.bench.synth import scripted_qwen2
 from daemon.engine import Engine, EngineSettings
 from daemon.framing import STOPS
 from daemon.grammar import answer_format
+from daemon.llamacpp import lib
 from daemon.sampling import GrammarMode
+from daemon.vocabindex import Candidates, VocabIndex
 from tests.support.daemon import REPO, Broker, Daemon, DaemonFactory
 from tests.support.mqtt_client import TestClient, assert_well_formed
 
@@ -279,6 +282,48 @@ def test_checking_the_likeliest_tokens_chooses_as_the_whole_vocabulary_mask(
         engine.close()
     assert answers[GrammarMode.CANDIDATES] == answers[GrammarMode.MASKED]
     assert answers[GrammarMode.SAMPLED] == answers[GrammarMode.MASKED]
+
+
+def test_the_vocabulary_groups_hold_every_token_the_grammar_allows(model_path: Path) -> None:
+    """daemon/vocabindex.py, token by token through a JSON answer on the embedded model: the
+    groups it finds hold every token the whole-vocabulary mask allows, and stand in for the
+    whole vocabulary wherever the grammar allows few tokens."""
+    settings = EngineSettings(
+        path=model_path,
+        threads=1,
+        threads_batch=1,
+        ctx=512,
+        max_tokens=8,
+        temperature=0.0,
+        system_prompt="Answer briefly.",
+        chat_format="auto",
+    )
+    engine = Engine(settings)
+    fmt = answer_format({"type": "json_schema", "schema": ALARM_SCHEMA}, max_schema_bytes=8192)
+    answer = '{"severity": "high", "stop_line": true, "temperature_c": -12.5, '
+    answer += '"location": {"line": 3, "station": "Press 4 \u00e9t\u00e9"}}'
+    vocab = engine.vocab
+    grammar = lib.llama_sampler_init_grammar(vocab, fmt.grammar.encode(), b"root")
+    whole = Candidates(lib.llama_vocab_n_tokens(vocab))
+    whole.fill(array("i", range(lib.llama_vocab_n_tokens(vocab))), None)
+    steps = 0
+    try:
+        index = VocabIndex(vocab)
+        for token in engine.tokenize(answer, special=False):
+            allowed = {whole.data[i].id for i in whole.apply(grammar)}
+            found = index.candidates(grammar, 16384)
+            assert token in allowed
+            if len(allowed) < 1000:  # around the values: the groups stand in for the vocabulary
+                assert found is not None
+                steps += 1
+            if found is not None:
+                assert allowed <= set(found)
+            whole.fill(array("i", range(lib.llama_vocab_n_tokens(vocab))), None)
+            lib.llama_sampler_accept(grammar, token)
+    finally:
+        lib.llama_sampler_free(grammar)
+        engine.close()
+    assert steps >= 20
 
 
 def test_kioskd_ask_json_schema_prints_json_and_fails_without_it(
