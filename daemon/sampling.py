@@ -44,7 +44,7 @@ _GROUP_LIMIT = 16384
 
 
 class GrammarMode(StrEnum):
-    """How a grammar constrains each token (all three give grammatical answers)."""
+    """How a grammar constrains each token (all four give grammatical answers)."""
 
     CANDIDATES = "candidates"  # the likeliest 2048, the groups, 16384; the whole vocabulary if none
     GROUPS = "groups"  # the vocabulary groups the grammar may allow; the whole if they are many
