@@ -15,13 +15,14 @@ import pytest
 
 from daemon import exitcodes, testhooks
 from daemon.bench.synth import scripted_qwen2
-from daemon.engine import Engine, EngineSettings
+from daemon.engine import Engine
 from daemon.framing import STOPS
 from daemon.grammar import answer_format
 from daemon.llamacpp import lib
 from daemon.sampling import GrammarMode
 from daemon.vocabindex import Candidates, VocabIndex
 from tests.support.daemon import REPO, Broker, Daemon, DaemonFactory
+from tests.support.engines import small_settings
 from tests.support.mqtt_client import TestClient, assert_well_formed
 
 QUESTIONS = [
@@ -196,37 +197,14 @@ def test_a_template_model_stops_on_its_end_of_turn_token(
 
 
 def test_the_chat_path_renders_qwens_real_template_unchanged(scripted_model: Path) -> None:
-    engine = Engine(
-        EngineSettings(
-            path=scripted_model,
-            threads=1,
-            threads_batch=1,
-            ctx=512,
-            max_tokens=8,
-            temperature=0.0,
-            system_prompt="Be brief.",
-            chat_format="auto",
-        )
-    )
+    engine = Engine(small_settings(scripted_model, system_prompt="Be brief."))
     try:
         assert engine.prompt_text("Hi") == (
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
             "<|im_start|>assistant\n"
         )
         # model.stop applies to every answer, besides a request's own.
-        stopping = Engine(
-            EngineSettings(
-                path=scripted_model,
-                threads=1,
-                threads_batch=1,
-                ctx=512,
-                max_tokens=8,
-                temperature=0.0,
-                system_prompt="Be brief.",
-                chat_format="auto",
-                stop=(".",),
-            )
-        )
+        stopping = Engine(small_settings(scripted_model, system_prompt="Be brief.", stop=(".",)))
         try:
             answer = stopping.generate(
                 "Hi",
@@ -247,16 +225,7 @@ def test_checking_the_likeliest_tokens_chooses_as_the_whole_vocabulary_mask(
 ) -> None:
     """Greedy JSON answers are the same token for token, whichever way the grammar is applied
     (daemon/sampling.py): the shortcuts change the cost, not the answer."""
-    settings = EngineSettings(
-        path=model_path,
-        threads=1,
-        threads_batch=1,
-        ctx=1024,
-        max_tokens=48,
-        temperature=0.0,
-        system_prompt="Answer briefly.",
-        chat_format="auto",
-    )
+    settings = small_settings(model_path, ctx=1024, max_tokens=48)
     engine = Engine(settings, testhooks.TestHooks(ignore_eos=True))
     fmt = answer_format({"type": "json_schema", "schema": ALARM_SCHEMA}, max_schema_bytes=8192)
     answers = {}
@@ -288,16 +257,7 @@ def test_the_vocabulary_groups_hold_every_token_the_grammar_allows(model_path: P
     """daemon/vocabindex.py, token by token through a JSON answer on the embedded model: the
     groups it finds hold every token the whole-vocabulary mask allows, and stand in for the
     whole vocabulary wherever the grammar allows few tokens."""
-    settings = EngineSettings(
-        path=model_path,
-        threads=1,
-        threads_batch=1,
-        ctx=512,
-        max_tokens=8,
-        temperature=0.0,
-        system_prompt="Answer briefly.",
-        chat_format="auto",
-    )
+    settings = small_settings(model_path)
     engine = Engine(settings)
     fmt = answer_format({"type": "json_schema", "schema": ALARM_SCHEMA}, max_schema_bytes=8192)
     answer = '{"severity": "high", "stop_line": true, "temperature_c": -12.5, '

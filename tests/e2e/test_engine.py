@@ -15,24 +15,16 @@ import pytest
 
 from daemon import testhooks
 from daemon.bench.harness import raw_llama
-from daemon.engine import Engine, EngineSettings
+from daemon.engine import Engine
 from daemon.generation import Generation
+from tests.support.engines import small_settings
 
 QUESTIONS = ("What is a PLC?", "Name three safety rules.", "What is a PLC? Explain it.")
 
 
 @pytest.fixture(scope="module")
 def engine(model_path: Path) -> Iterator[Engine]:
-    settings = EngineSettings(
-        path=model_path,
-        threads=1,
-        threads_batch=1,
-        ctx=1024,
-        max_tokens=64,
-        temperature=0.0,
-        system_prompt="Answer briefly.",
-        chat_format="auto",
-    )
+    settings = small_settings(model_path, ctx=1024, max_tokens=64)
     engine = Engine(settings, testhooks.TestHooks(ignore_eos=True))
     yield engine
     engine.close()
@@ -138,17 +130,7 @@ def test_a_smaller_batch_touches_less_scratch_memory_on_a_long_prompt(model_path
     question = " ".join(QUESTIONS * 30)  # 553 prompt tokens: a full step at 512 and at 128
     growth_mib = {}
     for batch_tokens in (512, 128):
-        settings = EngineSettings(
-            path=model_path,
-            threads=1,
-            threads_batch=1,
-            ctx=1024,
-            max_tokens=1,
-            temperature=0.0,
-            system_prompt="Answer briefly.",
-            chat_format="auto",
-            batch_tokens=batch_tokens,
-        )
+        settings = small_settings(model_path, ctx=1024, max_tokens=1, batch_tokens=batch_tokens)
         engine = Engine(settings)
         try:
             before = psutil.Process().memory_info().rss

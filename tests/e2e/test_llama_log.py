@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from daemon import llamalog
-from daemon.engine import Engine, EngineSettings
+from daemon.engine import Engine
+from tests.support.engines import small_settings
 
 GGML_LOG_LEVEL_WARN = 3
 GGML_LOG_LEVEL_ERROR = 4
@@ -21,16 +22,7 @@ def llama_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 def test_model_file_notes_are_debug_and_later_warnings_info(
     model_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = EngineSettings(
-        path=model_path,
-        threads=1,
-        threads_batch=1,
-        ctx=512,
-        max_tokens=8,
-        temperature=0.0,
-        system_prompt="Answer briefly.",
-        chat_format="auto",
-    )
+    settings = small_settings(model_path)
     with caplog.at_level(logging.DEBUG, logger="llama.cpp"):
         engine = Engine(settings)
     try:

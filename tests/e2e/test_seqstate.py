@@ -13,8 +13,9 @@ import pytest
 
 from daemon import seqstate, testhooks
 from daemon.bench.synth import tiny_qwen2
-from daemon.engine import Engine, EngineSettings
+from daemon.engine import Engine
 from daemon.generation import Generation
+from tests.support.engines import small_settings
 
 # Three long turns: more than Gemma 3's 512-position window, so that a saved state is partial.
 LONG = (
@@ -26,16 +27,7 @@ LONG = (
 
 @pytest.fixture(scope="module")
 def engine(model_path: Path) -> Iterator[Engine]:
-    settings = EngineSettings(
-        path=model_path,
-        threads=2,
-        threads_batch=2,
-        ctx=2048,
-        max_tokens=128,
-        temperature=0.0,
-        system_prompt="Answer briefly.",
-        chat_format="auto",
-    )
+    settings = small_settings(model_path, threads=2, threads_batch=2, ctx=2048, max_tokens=128)
     engine = Engine(settings, testhooks.TestHooks(ignore_eos=True))
     yield engine
     engine.close()
@@ -114,18 +106,7 @@ def test_another_models_state_is_refused(
     history = (("Hi?", "Hello."),)
     path = tmp_path / "tiny-qwen2.gguf"
     tiny_qwen2(path)
-    other = Engine(
-        EngineSettings(
-            path=path,
-            threads=1,
-            threads_batch=1,
-            ctx=2048,
-            max_tokens=8,
-            temperature=0.0,
-            system_prompt="Answer briefly.",
-            chat_format="auto",
-        )
-    )
+    other = Engine(small_settings(path, ctx=2048))
     try:
         assert not seqstate.restore(other._ctx, state)
         # Its own generation goes on from nothing, and answers.

@@ -9,8 +9,9 @@ import pytest
 
 from daemon import testhooks
 from daemon.bench.synth import qwen_vocabulary, tiny_qwen2
-from daemon.engine import Engine, EngineSettings
+from daemon.engine import Engine
 from tests.support.daemon import DaemonFactory
+from tests.support.engines import small_settings
 from tests.support.mqtt_client import TestClient, assert_well_formed
 
 
@@ -39,16 +40,7 @@ def test_merges_are_rebuilt_from_the_token_ranks(tmp_path: Path) -> None:
 
 def test_the_engine_reads_a_qwen2_model_with_its_chatml_template(qwen2_path: Path) -> None:
     engine = Engine(
-        EngineSettings(
-            path=qwen2_path,
-            threads=1,
-            threads_batch=1,
-            ctx=512,
-            max_tokens=8,
-            temperature=0.0,
-            system_prompt="Be brief.",
-            chat_format="auto",
-        ),
+        small_settings(qwen2_path, system_prompt="Be brief."),
         testhooks.TestHooks(ignore_eos=True),
     )
     try:
