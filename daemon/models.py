@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from daemon.config import data_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -42,13 +44,7 @@ class ResolvedModel:
 
 def models_dir(configured: str | None = None) -> Path:
     """Where fetch-model puts the production model (systemd's StateDirectory when set)."""
-    if configured:
-        return Path(configured).expanduser()
-    state = os.environ.get("STATE_DIRECTORY")
-    if state:
-        return Path(state.split(":")[0]) / "models"
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home) / "kioskd" / "models"
+    return data_dir("models", configured)
 
 
 def cache_dir() -> Path:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.config import data_dir
 from daemon.messages import ID_PATTERN
 from daemon.seqstate import SavedState, blank
 
@@ -33,13 +34,7 @@ _HEAD_BYTES = 1 << 20  # the GGUF header and metadata, hashed as the model file'
 
 def default_dir(configured: str | None = None) -> Path:
     """Where conversations are saved (systemd's StateDirectory when set)."""
-    if configured:
-        return Path(configured).expanduser()
-    state = os.environ.get("STATE_DIRECTORY")
-    if state:
-        return Path(state.split(":")[0]) / "conversations"
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home) / "kioskd" / "conversations"
+    return data_dir("conversations", configured)
 
 
 @dataclass(frozen=True)

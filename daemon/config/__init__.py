@@ -20,7 +20,7 @@ from daemon.config.device import (
     WebConfig,
 )
 from daemon.config.errors import ConfigError
-from daemon.config.host import default_threads, sanitize_device_id
+from daemon.config.host import data_dir, default_threads, sanitize_device_id
 from daemon.config.listen import is_loopback, parse_listen, remote_listen_problem
 from daemon.config.loader import from_dict, load
 from daemon.config.model import DEFAULT_EXAMPLES, ModelConfig
@@ -55,6 +55,7 @@ __all__ = [
     "WatchdogConfig",
     "WebConfig",
     "config_warnings",
+    "data_dir",
     "default_threads",
     "describe",
     "from_dict",

@@ -1,9 +1,11 @@
-"""What a key left null takes from the machine: the device id and the number of threads."""
+"""What a key left null takes from the machine: the device id, the number of threads, and the
+directories of models and saved conversations."""
 
 from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 
 def sanitize_device_id(name: str) -> str:
@@ -17,3 +19,15 @@ def default_threads() -> int:
 
     physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     return max(1, physical - 1)
+
+
+def data_dir(name: str, configured: str | None = None) -> Path:
+    """Where kioskd keeps `name` (models, conversations): the configured directory, else
+    systemd's StateDirectory when set, else the XDG data home."""
+    if configured:
+        return Path(configured).expanduser()
+    state = os.environ.get("STATE_DIRECTORY")
+    if state:
+        return Path(state.split(":")[0]) / name
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "kioskd" / name
