@@ -9,6 +9,7 @@ its conversation has ended.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 from daemon.conversations import ConversationStore, Exchange
@@ -45,16 +46,18 @@ class Turns:
         conversation_id: str | None = None,
     ) -> Generation:
         engine = self._engine
+        answer = functools.partial(
+            engine.generate,
+            question,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            on_text=on_text,
+            should_stop=should_stop,
+            stop=stop,
+            answer_format=answer_format,
+        )
         if conversation_id is None:
-            return engine.generate(
-                question,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                on_text=on_text,
-                should_stop=should_stop,
-                stop=stop,
-                answer_format=answer_format,
-            )
+            return answer()
         start = self._store.begin(conversation_id)
         exchange: Exchange | None = None
         dropped = 0
@@ -63,18 +66,7 @@ class Turns:
             prompt, dropped = self.fit(question, start.exchanges)
             history = start.exchanges[dropped:]
             context_tokens = len(prompt) - len(engine.prompt_tokens(question)) if history else 0
-            result = engine.generate(
-                question,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                on_text=on_text,
-                should_stop=should_stop,
-                stop=stop,
-                answer_format=answer_format,
-                history=history,
-                resume=start.state,
-                prompt=prompt,
-            )
+            result = answer(history=history, resume=start.state, prompt=prompt)
             if not result.stopped:  # docs/protocol.md: only answers that end stop or length
                 exchange = (question, result.text)
                 if self._keep_state:
