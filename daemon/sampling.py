@@ -25,7 +25,7 @@ from enum import StrEnum
 from typing import Any
 
 from daemon.llamacpp import lib
-from daemon.vocabindex import Candidates, VocabIndex
+from daemon.vocabindex import VocabIndex
 
 # Llama.generate's defaults, which kioskd's sampled answers have always used.
 _TOP_K = 40
@@ -38,9 +38,6 @@ _PENALTY_LAST_N = 64
 # a JSON answer's tokens, the second for most of the rest: the next letters of a property name
 # the model did not expect (measured for docs/benchmarks.md).
 CANDIDATE_STEPS = (2048, 16384)
-# After the first step: every token of the vocabulary groups the grammar may allow, when they
-# are at most this many; between two values of a JSON answer they were 26-6020 on Gemma.
-_GROUP_LIMIT = 16384
 
 
 class GrammarMode(StrEnum):
@@ -108,7 +105,6 @@ class Sampler:
         self._choice_chain = self._new_chain(*self._choice())
         self._index = index
         self._n_vocab = lib.llama_vocab_n_tokens(vocab)
-        self._group_data = Candidates(_GROUP_LIMIT) if index is not None else None
 
     def _penalty(self, vocab: lib.llama_vocab_p, repeat_penalty: float) -> Any:
         if repeat_penalty == 1.0:
@@ -185,20 +181,18 @@ class Sampler:
     def _from_groups(self, ctx: lib.llama_context_p) -> int | None:
         """The whole-vocabulary mask's choice, from the groups that may hold allowed tokens;
         None when they are too many (then the grammar allows much: the likelier steps run)."""
-        if self._index is None or self._group_data is None:
-            return None
-        tokens = self._index.candidates(self._grammar, _GROUP_LIMIT)
-        if tokens is None:
+        if self._index is None or (tokens := self._index.candidates(self._grammar)) is None:
             return None
         pointer = lib.llama_get_logits_ith(ctx, -1)
         logits = ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float * self._n_vocab)).contents
-        self._group_data.fill(tokens, memoryview(logits).cast("B").cast("f"))
-        candidates = self._group_data.array()
+        chosen = self._index.scratch
+        chosen.fill(tokens, memoryview(logits).cast("B").cast("f"))
+        candidates = chosen.array()
         lib.llama_sampler_apply(self._grammar, ctypes.byref(candidates))
-        if not self._group_data.any_allowed():
+        if not chosen.any_allowed():
             return None
         lib.llama_sampler_apply(self._choice_chain, ctypes.byref(candidates))
-        return int(self._group_data.data[candidates.selected].id)
+        return int(chosen.data[candidates.selected].id)
 
     def _capture(self, _sampler: Any, cur_p: Any) -> None:
         """The top-k stage's candidates, copied out (called by llama.cpp inside the chain)."""

@@ -24,6 +24,9 @@ from daemon.llamacpp import lib
 
 # A first-byte group larger than this is split by the second byte.
 _SPLIT_TOKENS = 512
+# The most tokens `candidates` returns; between two values of a JSON answer they were 26-6020
+# on Gemma. More, and the grammar allows much: checking the likeliest tokens is cheaper.
+LIMIT = 16384
 _PIECE_BYTES = 256
 _NONE = -1
 
@@ -38,15 +41,16 @@ class VocabIndex:
         heads = array("i", [_NONE]) * count
         short: dict[int, int] = {}  # the token whose whole text is these one or two bytes
         per_first = array("i", [0]) * 256
-        unread = array("i")
+        always = array("i")  # the tokens checked every time
         buffer = ctypes.create_string_buffer(_PIECE_BYTES)
         for token in range(count):
             if lib.llama_vocab_is_eog(vocab, token):
-                continue  # allowed where the grammar may end, whatever its text: always checked
+                always.append(token)  # allowed where the grammar may end, whatever its text
+                continue
             # Special tokens with their text, as the grammar reads them.
             length = lib.llama_token_to_piece(vocab, token, buffer, _PIECE_BYTES, 0, True)
             if length < 0:
-                unread.append(token)  # longer than the buffer: checked every time
+                always.append(token)  # longer than the buffer
                 continue
             if length == 0:
                 continue  # the grammar never allows a token without text
@@ -56,11 +60,8 @@ class VocabIndex:
             if length <= 2:
                 short.setdefault(head, token)
         groups: defaultdict[int, array[int]] = defaultdict(lambda: array("i"))
-        always = unread
         for token, head in enumerate(heads):
             if head == _NONE:
-                if lib.llama_vocab_is_eog(vocab, token):
-                    always.append(token)
                 continue
             first = head // 257
             # A crowded first byte is split by the second where a two-byte token stands for it.
@@ -84,11 +85,13 @@ class VocabIndex:
                 self.groups.append(members)
         self.always = always
         self._probe_data = Candidates(len(self.probes))
+        # Where Sampler puts the candidates with their logits: allocated once per model.
+        self.scratch = Candidates(LIMIT)
         self._bytes = array("i", (byte for byte in range(256) if byte * 257 in short))
         self._byte_tokens = array("i", (short[byte * 257] for byte in self._bytes))
         self._byte_data = Candidates(len(self._byte_tokens))
 
-    def candidates(self, grammar: ctypes.c_void_p, limit: int) -> array[int] | None:
+    def candidates(self, grammar: ctypes.c_void_p, limit: int = LIMIT) -> array[int] | None:
         """Every token the grammar may allow now, at most `limit` of them; None: more."""
         self._probe_data.fill(self.probes, None)
         found = array("i", self.always)
